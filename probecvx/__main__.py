@@ -1,0 +1,3 @@
+from probecvx.cli import main
+
+main()

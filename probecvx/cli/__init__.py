@@ -1,0 +1,50 @@
+"""The ``probecvx`` command line: one thin module per command over the library.
+
+Each command module defines a click command and is registered below. Library
+errors (:class:`probecvx.errors.ProbecvxError`) become a one-line message on
+stderr and the error's exit code: 2 for bad usage, 1 for a failed run.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any
+
+import click
+
+from probecvx import __version__
+from probecvx.errors import ProbecvxError
+
+
+class _Group(click.Group):
+    """A click group that turns library errors into exit codes."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except ProbecvxError as err:
+            click.echo(f"Error: {err}", err=True)
+            ctx.exit(err.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="probecvx")
+@click.option(
+    "-v", "--verbose", count=True, help="Log more to stderr (-v info, -vv debug)."
+)
+def main(verbose: int) -> None:
+    """Fit linear classifier probes to every layer of a model at every checkpoint."""
+    level = logging.WARNING
+    if verbose == 1:
+        level = logging.INFO
+    elif verbose >= 2:
+        level = logging.DEBUG
+    logging.basicConfig(
+        level=level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+# Command registrations, one line per command module.

@@ -1,0 +1,26 @@
+"""Probe solvers. Importing this package registers every built-in solver."""
+
+from probecvx.solvers import reference  # noqa: F401  (registers sklearn-*)
+from probecvx.solvers.base import (
+    ProbeFit,
+    Solver,
+    Validation,
+    available_solvers,
+    check_problem,
+    get_solver,
+    objective,
+    register_solver,
+    softmax_cross_entropy,
+)
+
+__all__ = [
+    "ProbeFit",
+    "Solver",
+    "Validation",
+    "available_solvers",
+    "check_problem",
+    "get_solver",
+    "objective",
+    "register_solver",
+    "softmax_cross_entropy",
+]
