@@ -29,9 +29,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.animation import FFMpegWriter, PillowWriter
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import Colormap
 from matplotlib.figure import Figure
 
 from probecvx import __version__
@@ -716,12 +718,8 @@ def _heatmap_v_max(grid: ErrorGrid) -> float:
     return 100 * float(values.max()) if values.size else 100.0
 
 
-def _colormap_with_grey_for_missing() -> Any:
-    from matplotlib import colormaps
-
-    colormap = colormaps["viridis"].copy()
-    colormap.set_bad("#d9d9d9")
-    return colormap
+def _colormap_with_grey_for_missing() -> Colormap:
+    return colormaps["viridis"].with_extremes(bad="#d9d9d9")
 
 
 def _annotate_heatmap(axes: Axes, grid: ErrorGrid, image: Any) -> None:
