@@ -280,9 +280,12 @@ def stratified_split(
 
     The rows of each class are shuffled and cut into train, val and test parts
     whose sizes are the class size times the fractions, rounded by the largest
-    remainder. A class with at least as many rows as there are positive
-    fractions has at least one row in every split with a positive fraction.
-    Smaller classes fill train first, then val.
+    remainder. The rounding error of each class, up to one row per split, is
+    carried over to the next class, so that the split sizes stay within about
+    one row of the fractions times the number of rows. A class with at least as
+    many rows as there are positive fractions has at least one row in every
+    split with a positive fraction; many such small classes can move the split
+    sizes further from the fractions.
 
     Parameters
     ----------
@@ -316,9 +319,16 @@ def stratified_split(
     split_codes = np.empty(len(labels), dtype=np.uint8)
     _, class_codes = np.unique(labels, return_inverse=True)
     class_codes = class_codes.reshape(-1)
+    used = weights > 0
+    carry = np.zeros(3)
     for class_code in range(int(class_codes.max(initial=-1)) + 1):
         rows = rng.permutation(np.flatnonzero(class_codes == class_code))
-        sizes = _apportion(len(rows), weights)
+        shares = len(rows) * weights / weights.sum()
+        targets = np.clip(shares + carry, 0.0, None) * used
+        sizes = _apportion(len(rows), targets, required=used)
+        # Bounded, so that rows forced into splits by the at-least-one rule for
+        # small classes do not push later classes far from their own share.
+        carry = np.clip(carry + shares - sizes, -1.0, 1.0)
         bounds = np.cumsum(sizes)
         split_codes[rows[: bounds[0]]] = SPLIT_CODES["train"]
         split_codes[rows[bounds[0] : bounds[1]]] = SPLIT_CODES["val"]
@@ -937,7 +947,9 @@ def _prepare_inputs(value: Any, name: str) -> np.ndarray:
         array = array.astype(np.float32)
         array /= np.float32(255.0)
     elif array.dtype.kind in "biuf":
-        array = array.astype(np.float32)
+        # Values beyond the float32 range become inf, which _check_finite reports.
+        with np.errstate(over="ignore"):
+            array = array.astype(np.float32)
     else:
         raise DatasetError(
             f"dataset {name!r}: x has dtype {array.dtype}; give numeric inputs"
@@ -1026,7 +1038,7 @@ def _decode_split(values: np.ndarray, name: str) -> np.ndarray:
         values = np.char.decode(values, "utf-8")
     if values.dtype.kind in "UO":
         names = values.astype(str)
-        unknown = sorted(set(np.unique(names)) - set(SPLIT_CODES))
+        unknown = sorted({str(value) for value in np.unique(names)} - set(SPLIT_CODES))
         if unknown:
             raise DatasetError(
                 f"dataset {name!r}: split has unknown values {unknown[:5]}; use "
@@ -1069,23 +1081,46 @@ def _carve_val(
 
 
 def _limit_rows(labels: np.ndarray, split: np.ndarray, limit: int) -> np.ndarray:
-    """Choose ``limit`` rows stratified by (split, class), first rows of each cell."""
+    """Choose ``limit`` rows stratified by split, then by class within each split.
+
+    Each (split, class) cell keeps its first rows in source order. The rounding
+    error of each class is carried from one split to the next, so that the
+    class totals stay balanced.
+    """
     n_classes = int(labels.max()) + 1
-    cells = split.astype(np.int64) * n_classes + labels
-    cell_ids, cell_sizes = np.unique(cells, return_counts=True)
-    quotas = _apportion(limit, cell_sizes.astype(np.float64))
+    split_sizes = np.bincount(split, minlength=3).astype(np.float64)
+    split_quotas = _apportion(limit, split_sizes)
+
     keep = np.zeros(len(labels), dtype=bool)
-    for cell_id, quota in zip(cell_ids, quotas, strict=True):
-        keep[np.flatnonzero(cells == cell_id)[:quota]] = True
+    carry = np.zeros(n_classes)
+    for split_code, split_quota in enumerate(split_quotas):
+        split_rows = np.flatnonzero(split == split_code)
+        if split_quota == 0:
+            continue
+        split_labels = labels[split_rows]
+        class_sizes = np.bincount(split_labels, minlength=n_classes)
+        shares = split_quota * class_sizes / class_sizes.sum()
+        targets = np.clip(shares + carry, 0.0, class_sizes)
+        counts = np.minimum(
+            _apportion(int(split_quota), targets, required=class_sizes > 0),
+            class_sizes,
+        )
+        while counts.sum() < split_quota:  # give rows cut by the minimum back
+            counts[int(np.argmax(class_sizes - counts))] += 1
+        carry += shares - counts
+        for label, count in enumerate(counts):
+            keep[split_rows[split_labels == label][:count]] = True
     return np.flatnonzero(keep).astype(np.int64)
 
 
-def _apportion(total: int, weights: np.ndarray) -> np.ndarray:
+def _apportion(
+    total: int, weights: np.ndarray, required: np.ndarray | None = None
+) -> np.ndarray:
     """Split ``total`` into integer parts proportional to ``weights``.
 
     Uses the largest remainder, ties to the lower index. When ``total`` is at
-    least the number of positive weights, each of them gets at least 1, taken
-    from the largest part.
+    least the number of ``required`` parts (by default those with a positive
+    weight), each of them gets at least 1, taken from the largest part.
     """
     quotas = total * weights / weights.sum()
     counts = np.floor(quotas).astype(np.int64)
@@ -1093,9 +1128,10 @@ def _apportion(total: int, weights: np.ndarray) -> np.ndarray:
     order = np.argsort(-(quotas - counts), kind="stable")
     counts[order[:remainder]] += 1
 
-    positive = weights > 0
-    if total >= int(positive.sum()):
-        for index in np.flatnonzero(positive & (counts == 0)):
+    if required is None:
+        required = weights > 0
+    if total >= int(required.sum()):
+        for index in np.flatnonzero(required & (counts == 0)):
             counts[int(np.argmax(counts))] -= 1
             counts[index] += 1
     return counts
