@@ -23,6 +23,7 @@ import inspect
 import json
 import logging
 import pickle
+import pickletools
 import re
 import sys
 import warnings
@@ -67,6 +68,8 @@ MODEL_KWARGS_FLAG = "--model-kwargs"
 
 _BLOCK_SIZE = 1 << 20
 _MAX_LISTED_KEYS = 5
+# Larger data.pkl files are not scanned for pickled modules at discovery.
+_MAX_SCANNED_PICKLE_BYTES = 16 << 20
 _STEP_KEYWORD_PATTERNS = (
     re.compile(r"(?<![a-z])step[=_\-]?(\d+)", re.IGNORECASE),
     re.compile(r"(?<![a-z])(?:iteration|iter|it)[=_\-]?(\d+)", re.IGNORECASE),
@@ -94,7 +97,7 @@ class CheckpointRef:
     kind : str
         One of :data:`KINDS`. Discovery decides it from the suffix and a cheap
         look at the content; :func:`load_model` may find that a ``state_dict``
-        file holds a ``pickled_module``.
+        file contains a ``pickled_module``.
     """
 
     path: Path
@@ -120,7 +123,7 @@ def discover_checkpoints(
     directory : Path
         Folder to scan. Without ``pattern`` only its direct entries are looked
         at: files ending in one of :data:`CHECKPOINT_SUFFIXES`, TorchScript
-        archives under any suffix, and folders that hold Hugging Face weights
+        archives under any suffix, and folders that contain Hugging Face weights
         (``model.safetensors``, ``pytorch_model.bin`` or a sharded index).
     pattern : str, optional
         Glob relative to ``directory`` (``--glob``), such as ``'*.pt'`` or
@@ -184,7 +187,7 @@ def make_checkpoint_ref(path: Path) -> CheckpointRef:
         raise InvalidInputError(
             f"{path} is not a checkpoint: expected a file ending in "
             f"{', '.join(CHECKPOINT_SUFFIXES)}, a TorchScript archive, or a folder "
-            f"holding {' or '.join(HF_WEIGHT_FILES)}"
+            f"containing {' or '.join(HF_WEIGHT_FILES)}"
         )
     return CheckpointRef(
         path=path, name=_base_name(path), step=_read_step(path, kind), kind=kind
@@ -199,7 +202,7 @@ def _validate_directory(directory: Path) -> None:
     if not directory.is_dir():
         raise InvalidInputError(
             f"checkpoint directory {directory} is a file, not a folder; pass the "
-            "folder that holds the checkpoints, or use --glob to select files in it"
+            "folder that contains the checkpoints, or use --glob to select files in it"
         )
 
 
@@ -232,7 +235,7 @@ def _find_candidates(directory: Path, pattern: str | None) -> list[tuple[Path, s
 def _nothing_found_message(directory: Path, pattern: str | None) -> str:
     looked_for = (
         f"files ending in {', '.join(CHECKPOINT_SUFFIXES)}, TorchScript archives, "
-        f"or folders holding {' or '.join(HF_WEIGHT_FILES)}"
+        f"or folders containing {' or '.join(HF_WEIGHT_FILES)}"
     )
     if pattern is None:
         return (
@@ -272,22 +275,60 @@ def _detect_kind(path: Path, *, matched_by_pattern: bool) -> str | None:
 
 
 def _sniff_zip_kind(path: Path) -> str | None:
-    """Classify a torch zip archive by its entry names, without reading data."""
+    """Classify a torch zip archive by its entry names and pickle opcodes.
+
+    Nothing is unpickled: the opcodes of ``data.pkl`` are only listed.
+    """
     try:
         with zipfile.ZipFile(path) as archive:
-            entry_names = archive.namelist()
+            entries = archive.infolist()
+            # torch writes every entry under one top folder named after the file.
+            inner = {
+                entry.filename.split("/", 1)[1]: entry
+                for entry in entries
+                if "/" in entry.filename
+            }
+            if "constants.pkl" in inner or any(
+                name.startswith("code/") for name in inner
+            ):
+                return "torchscript"
+            if "archive_format" in inner:
+                return "export"
+            if "data.pkl" not in inner:
+                return None
+            pickle_entry = inner["data.pkl"]
+            if pickle_entry.file_size > _MAX_SCANNED_PICKLE_BYTES:
+                return "state_dict"
+            pickle_bytes = archive.read(pickle_entry)
     except (zipfile.BadZipFile, OSError):
         return None
+    return "pickled_module" if _references_nn_modules(pickle_bytes) else "state_dict"
 
-    # torch writes every entry under one top folder named after the file.
-    inner = {name.split("/", 1)[1] for name in entry_names if "/" in name}
-    if "constants.pkl" in inner or any(name.startswith("code/") for name in inner):
-        return "torchscript"
-    if "archive_format" in inner:
-        return "export"
-    if "data.pkl" in inner:
-        return "state_dict"
-    return None
+
+def _references_nn_modules(pickle_bytes: bytes) -> bool:
+    """Return whether a pickle names a class from ``torch.nn.modules``.
+
+    A pickled model nearly always contains a standard layer. A model built only
+    from custom classes is missed here, and :func:`load_model` detects it.
+    """
+    recent_strings: list[str] = []
+    try:
+        for opcode, argument, _ in pickletools.genops(pickle_bytes):
+            if opcode.name == "GLOBAL":
+                module_name = str(argument).split(" ", 1)[0]
+            elif opcode.name == "STACK_GLOBAL" and len(recent_strings) >= 2:
+                # Protocol 4 and later push module and name as two strings first.
+                module_name = recent_strings[-2]
+            elif isinstance(argument, str):
+                recent_strings = [*recent_strings[-1:], argument]
+                continue
+            else:
+                continue
+            if module_name.startswith("torch.nn.modules"):
+                return True
+    except (ValueError, pickle.UnpicklingError):
+        return False
+    return False
 
 
 def _base_name(path: Path) -> str:
@@ -364,7 +405,7 @@ def _step_from_torch_file(path: Path) -> int | None:
     # (non-zip) files cannot be mapped and are read in full.
     use_mmap = zipfile.is_zipfile(path)
     try:
-        content = torch.load(path, map_location="cpu", weights_only=True, mmap=use_mmap)
+        content = _load_weights_only(path, "cpu", mmap=use_mmap)
     except Exception as err:  # any unreadable file simply has no step
         logger.debug("no step read from %s: %s: %s", path, type(err).__name__, err)
         return None
@@ -641,7 +682,7 @@ def load_model(
         for ``state_dict``, ``safetensors`` and ``hf_folder`` checkpoints,
         ignored for TorchScript, ``torch.export`` and pickled modules.
     trust : bool, default=False
-        Allow a torch file that holds more than tensors (a whole pickled
+        Allow a torch file that contains more than tensors (a whole pickled
         ``nn.Module``) to be unpickled. Unpickling runs code from the file,
         so set this only for files from a trusted source.
     map_location : str, default="cpu"
@@ -693,7 +734,7 @@ def load_model(
 def _build_model(factory: Callable[[], nn.Module] | None, path: Path) -> nn.Module:
     if factory is None:
         raise InvalidInputError(
-            f"checkpoint {path} holds only weights, so the model code is needed: "
+            f"checkpoint {path} contains only weights, so the model code is needed: "
             f"pass {MODEL_FLAG} MODULE:CALLABLE, such as {MODEL_FLAG} "
             "mypkg.nets:ConvNet"
         )
@@ -704,7 +745,7 @@ def _load_torchscript(path: Path, map_location: str) -> nn.Module:
     try:
         with warnings.catch_warnings():
             # torch 2.13 deprecates torch.jit but still loads TorchScript archives;
-            # the warning tells a user of this tool nothing they can act on.
+            # a user of this tool cannot act on the warning.
             warnings.simplefilter("ignore", DeprecationWarning)
             module = torch.jit.load(str(path), map_location=map_location)
     except Exception as err:
@@ -754,7 +795,7 @@ def _read_hf_folder(
         if index_file.is_file():
             return _read_sharded_weights(index_file, map_location, trust)
     raise CheckpointError(
-        f"checkpoint folder {folder} holds none of "
+        f"checkpoint folder {folder} contains none of "
         f"{', '.join(HF_WEIGHT_FILES + HF_INDEX_FILES)}; was it written completely?"
     )
 
@@ -767,7 +808,7 @@ def _read_weight_file(
     state_dict = _find_state_dict(_torch_load(path, map_location, trust))
     if state_dict is None:
         raise CheckpointError(
-            f"{path} holds no state_dict; expected a mapping of parameter names "
+            f"{path} contains no state_dict; expected a mapping of parameter names "
             "to tensors"
         )
     return state_dict
@@ -800,7 +841,7 @@ def _read_sharded_weights(
 def _torch_load(path: Path, map_location: str, trust: bool) -> object:
     """Read a torch file, unpickling arbitrary objects only when ``trust`` is set."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return _load_weights_only(path, map_location)
     except pickle.UnpicklingError as err:
         if not _looks_like_torch_file(path):
             raise CheckpointError(_unreadable_message(path, err)) from err
@@ -823,6 +864,14 @@ def _torch_load(path: Path, map_location: str, trust: bool) -> object:
         raise CheckpointError(_unreadable_message(path, err)) from err
 
 
+def _load_weights_only(path: Path, map_location: str, mmap: bool = False) -> object:
+    with warnings.catch_warnings():
+        # torch warns about a plain pickle written with a protocol other than 2
+        # before it rejects or reads it; callers report the outcome themselves.
+        warnings.filterwarnings("ignore", message="Detected pickle protocol")
+        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+
+
 def _looks_like_torch_file(path: Path) -> bool:
     """Return whether ``path`` starts as a zip archive or a pickle stream."""
     with open(path, "rb") as handle:
@@ -834,7 +883,7 @@ def _looks_like_torch_file(path: Path) -> bool:
 def _needs_trust_message(path: Path, err: Exception) -> str:
     return (
         f"checkpoint {path} cannot be loaded safely with weights_only=True: "
-        f"{_unpickling_reason(err)}. It holds objects other than tensors and plain "
+        f"{_unpickling_reason(err)}. It contains objects other than tensors and plain "
         "containers (for example a whole pickled nn.Module), and unpickling those "
         f"can run arbitrary code. If you trust the file's source, pass {TRUST_FLAG}; "
         "otherwise save only the model's state_dict"
@@ -848,7 +897,7 @@ def _unpickling_reason(err: Exception) -> str:
         for line in text.splitlines():
             if marker in line:
                 return line.replace("WeightsUnpickler error:", "").strip()
-    return "the file holds an object that the weights-only unpickler rejects"
+    return "the file contains an object that the weights-only unpickler rejects"
 
 
 def _unreadable_message(path: Path, err: Exception) -> str:
@@ -903,10 +952,12 @@ def _nested_module_or_raise(content: object, path: Path, trust: bool) -> nn.Modu
     if trust and isinstance(content, Mapping):
         for key in NESTED_STATE_DICT_KEYS:
             if isinstance(content.get(key), nn.Module):
-                logger.info("checkpoint %s holds a pickled module under %r", path, key)
+                logger.info(
+                    "checkpoint %s contains a pickled module under %r", path, key
+                )
                 return content[key]
     raise CheckpointError(
-        f"checkpoint {path} holds no state_dict or model: found "
+        f"checkpoint {path} contains no state_dict or model: found "
         f"{_describe_content(content)}; expected a mapping of parameter names to "
         f"tensors, bare or under one of the keys {', '.join(NESTED_STATE_DICT_KEYS)}"
     )
@@ -1041,11 +1092,11 @@ def _check_keys_and_shapes(
 
 
 def _count_and_list(items: list[str], noun: str) -> str:
-    shown = ", ".join(items[:_MAX_LISTED_KEYS])
+    listed = ", ".join(items[:_MAX_LISTED_KEYS])
     more = ", …" if len(items) > _MAX_LISTED_KEYS else ""
     plural = "es" if noun.endswith("h") else "s"
     label = noun if len(items) == 1 else noun + plural
-    return f"{len(items)} {label} ({shown}{more})"
+    return f"{len(items)} {label} ({listed}{more})"
 
 
 # Hashing -------------------------------------------------------------------------
