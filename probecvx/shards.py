@@ -19,6 +19,7 @@ import contextlib
 import errno
 import json
 import logging
+import re
 import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -259,7 +260,7 @@ class ShardWriter:
                 chunks=chunks,
             )
             for key, value in attrs.items():
-                dataset.attrs[key] = value
+                dataset.attrs[key] = _attr_value(value)
             self._rows_written[name] = 0
             self._file.attrs["sites_json"] = json.dumps(list(self._rows_written))
         except OSError as err:
@@ -293,6 +294,19 @@ class ShardWriter:
             raise self._write_error(err) from err
         self._rows_written[name] = stop
 
+    def set_site_attrs(self, name: str, attrs: Mapping[str, Any]) -> None:
+        """Set or replace attributes of site ``name``, such as ``overflow_count``."""
+        if self._file is None:
+            raise RuntimeError("set_site_attrs called outside the ShardWriter block")
+        if name not in self._rows_written:
+            raise KeyError(f"site {name!r} was not created in this shard")
+        try:
+            dataset = self._file[f"{SITES_GROUP}/{name}"]
+            for key, value in attrs.items():
+                dataset.attrs[key] = _attr_value(value)
+        except OSError as err:
+            raise self._write_error(err) from err
+
     def _write_root(self) -> None:
         assert self._file is not None
         root = self._file.attrs
@@ -301,7 +315,7 @@ class ShardWriter:
         root["probecvx_version"] = __version__
         root["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         for key, value in self._attrs.items():
-            root[key] = value
+            root[key] = _attr_value(value)
         root["sites_json"] = "[]"
 
         self._file.create_dataset("labels", data=self._labels)
@@ -460,7 +474,8 @@ def read_targets(path: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 def list_shards(folder: Path) -> list[Path]:
     """List the shards in ``folder``, sorted by training step, then by name.
 
-    Shards whose step is unknown come after those with a step. Temporary
+    Shards whose step is unknown come after those with a step. Names are
+    compared in natural order (``a2`` before ``a10``). Temporary
     files left by a killed run are ignored. An empty list is returned when
     the folder holds no shard.
 
@@ -492,7 +507,7 @@ def list_shards(folder: Path) -> list[Path]:
                 raise _missing(path, "root attribute 'step'")
             step = int(file.attrs["step"])
         known = step >= 0
-        keyed.append(((not known, step if known else 0, path.name), path))
+        keyed.append(((not known, step if known else 0, _natural_key(path.name)), path))
     keyed.sort(key=lambda item: item[0])
     return [path for _, path in keyed]
 
@@ -619,6 +634,21 @@ def _read_selected_rows(
         values = dataset[start:stop]
         out[order[lo:hi]] = values[sorted_rows[lo:hi] - start]
     return out
+
+
+def _attr_value(value: Any) -> Any:
+    """Convert NumPy strings to ``str``, which h5py stores as UTF-8 text."""
+    if isinstance(value, (str, np.str_)):
+        return str(value)
+    return value
+
+
+def _natural_key(name: str) -> tuple[tuple[int, int, str], ...]:
+    """Sort key that orders digit runs by value: ``a2`` before ``a10``."""
+    parts = re.findall(r"\d+|\D+", name)
+    return tuple(
+        (0, int(part), part) if part.isdigit() else (1, 0, part) for part in parts
+    )
 
 
 def _plain(value: Any) -> Any:
