@@ -155,7 +155,7 @@ def test_read_site_unknown_site(tmp_path: Path, site_values) -> None:
     path = tmp_path / "step_5.h5"
     write_shard(path, site_values)
 
-    with pytest.raises(SiteError, match="'fc3' is not in shard .*input, features.0:2"):
+    with pytest.raises(SiteError, match=r"'fc3' is not in shard .*features\.0:2"):
         read_site(path, "fc3")
 
 
@@ -280,7 +280,7 @@ def test_truncated_shard_is_shard_error(tmp_path: Path, site_values) -> None:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
 
-    with pytest.raises(ShardError, match="step_5.h5"):
+    with pytest.raises(ShardError, match=r"step_5\.h5"):
         read_shard_info(path)
 
 
