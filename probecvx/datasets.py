@@ -254,7 +254,7 @@ def load_dataset(
     _check_options(spec, seed=seed, limit=limit, n_samples=n_samples)
     keys = {"x_key": x_key, "y_key": y_key, "split_key": split_key}
 
-    source = _read_source(spec, fractions, seed, keys, n_samples)
+    source = _read_source(spec, seed, keys, n_samples)
     dataset = _build_dataset(source, fractions, seed, limit)
 
     counts = np.bincount(dataset.split, minlength=3)
@@ -303,9 +303,10 @@ def stratified_split(
 
     Notes
     -----
-    The result depends only on the inputs and the NumPy version: the
-    ``default_rng`` bit stream is the same on every platform, but NumPy does
-    not promise the same stream across releases.
+    For one NumPy version the result depends only on the inputs. NumPy's
+    compatibility policy for ``numpy.random`` promises the same ``Generator``
+    stream only on the same NumPy build, so an upgrade may change the split
+    (and with it the dataset fingerprint).
     """
     weights = np.asarray(_check_fractions(fractions, "fractions"), dtype=np.float64)
     labels = np.asarray(labels)
@@ -436,11 +437,7 @@ class _Source:
 
 
 def _read_source(
-    spec: str,
-    fractions: tuple[float, float, float],
-    seed: int,
-    keys: Mapping[str, str | None],
-    n_samples: int | None,
+    spec: str, seed: int, keys: Mapping[str, str | None], n_samples: int | None
 ) -> _Source:
     """Dispatch ``spec`` to the reader of its form."""
     if spec in BUILTIN_DATASETS:
@@ -452,7 +449,7 @@ def _read_source(
     path = Path(spec)
     if path.is_dir():
         _reject_keys(spec, keys)
-        return _read_idx_folder(path, fractions, seed)
+        return _read_idx_folder(path)
     if path.is_file():
         suffix = path.suffix.lower()
         if suffix == ".npz":
@@ -517,7 +514,7 @@ def _read_npz(path: Path, keys: Mapping[str, str | None]) -> _Source:
         raise DatasetError(f"cannot read {path} as .npz: {err}") from err
     with archive:
         names = list(archive.files)
-        chosen = _choose_keys(path, names, keys)
+        chosen = _choose_keys(str(path), names, keys)
         try:
             arrays = {role: archive[name] for role, name in chosen.items()}
         except ValueError as err:
@@ -545,7 +542,7 @@ def _read_hdf5(path: Path, keys: Mapping[str, str | None]) -> _Source:
                 names.append(name) if isinstance(obj, h5py.Dataset) else None
             )
         )
-        chosen = _choose_keys(path, names, keys)
+        chosen = _choose_keys(str(path), names, keys)
         arrays = {role: _read_h5_array(handle[name]) for role, name in chosen.items()}
     return _Source(
         name=path.name,
@@ -562,9 +559,9 @@ def _read_h5_array(dataset: h5py.Dataset) -> np.ndarray:
 
 
 def _choose_keys(
-    path: Path, names: Sequence[str], keys: Mapping[str, str | None]
+    source: str, names: Sequence[str], keys: Mapping[str, str | None]
 ) -> dict[str, str]:
-    """Map the roles x, y and (when present) split to array names in a file."""
+    """Map the roles x, y and (when present) split to array names in ``source``."""
     defaults = {"x": ("x", "X"), "y": ("y", "Y"), "split": ("split",)}
     options = {"x": "x_key", "y": "y_key", "split": "split_key"}
     chosen: dict[str, str] = {}
@@ -574,7 +571,7 @@ def _choose_keys(
             if requested not in names:
                 option = "--" + options[role].replace("_", "-")
                 raise InvalidInputError(
-                    f"{path} has no array {requested!r} (from {option}); "
+                    f"{source} has no array {requested!r} (from {option}); "
                     f"its arrays: {', '.join(names) or 'none'}"
                 )
             chosen[role] = requested
@@ -584,16 +581,14 @@ def _choose_keys(
             chosen[role] = found
         elif role != "split":
             raise InvalidInputError(
-                f"{path} has no array named {' or '.join(candidates)}; its arrays: "
+                f"{source} has no array named {' or '.join(candidates)}; its arrays: "
                 f"{', '.join(names) or 'none'}; name the inputs and labels with "
                 "--x-key and --y-key"
             )
     return chosen
 
 
-def _read_idx_folder(
-    folder: Path, fractions: tuple[float, float, float], seed: int
-) -> _Source:
+def _read_idx_folder(folder: Path) -> _Source:
     """Read the image/label IDX pairs of ``folder`` and their own split."""
     pairs = _find_idx_pairs(folder)
     roles = {_idx_role(prefix): prefix for prefix in pairs}
@@ -717,7 +712,7 @@ def _read_callable(spec: str, keys: Mapping[str, str | None]) -> _Source:
         return _read_torch_dataset(spec, result)
     if isinstance(result, Mapping):
         names = [str(name) for name in result]
-        chosen = _choose_keys(Path(spec), names, keys)
+        chosen = _choose_keys(f"the dict returned by {spec}", names, keys)
         arrays = {role: result[name] for role, name in chosen.items()}
         return _Source(
             name=spec, inputs=arrays["x"], labels=arrays["y"], split=arrays.get("split")
@@ -783,7 +778,7 @@ def _import_file(path: Path, spec: str) -> Any:
     try:
         module_spec.loader.exec_module(module)
     except Exception as err:  # module code may raise anything
-        del sys.modules[module_name]
+        sys.modules.pop(module_name, None)
         raise DatasetError(
             f"importing {path} for dataset {spec!r} raised {type(err).__name__}: {err}"
         ) from err
@@ -888,10 +883,10 @@ def _build_dataset(
         labels, class_names = raw_labels.astype(np.int64), source.class_names
     else:
         labels, class_names = _encode_labels(raw_labels, source.name)
-    if len(class_names) < 2:
+    if np.unique(labels).size < 2:
         raise DatasetError(
             f"dataset {source.name!r} has only one class "
-            f"({class_names[0]}); a probe needs at least 2 classes"
+            f"({class_names[labels[0]]}); a probe needs at least 2 classes"
         )
 
     split = _resolve_split(source, labels, fractions, seed)

@@ -271,6 +271,16 @@ def test_idx_folder_prefers_uncompressed(tmp_path: Path) -> None:
     np.testing.assert_allclose(dataset.inputs[:, 0], images / 255.0, rtol=1e-6)
 
 
+def test_idx_folder_dotted_names(tmp_path: Path) -> None:
+    images = np.zeros((6, 2, 2), np.uint8)
+    write_idx(tmp_path / "train-images.idx3-ubyte", images)
+    write_idx(tmp_path / "train-labels.idx1-ubyte", np.arange(6, dtype=np.uint8) % 2)
+
+    dataset = load_dataset(str(tmp_path))
+
+    assert dataset.inputs.shape == (6, 1, 2, 2)
+
+
 def test_idx_folder_count_mismatch(tmp_path: Path) -> None:
     write_idx(tmp_path / "train-images-idx3-ubyte", np.zeros((5, 2, 2), np.uint8))
     write_idx(tmp_path / "train-labels-idx1-ubyte", np.zeros(4, np.uint8))
@@ -419,6 +429,23 @@ def test_torch_dataset_limit_uses_subset(tmp_path: Path) -> None:
     assert dataset.n_samples == 6
     _, inputs = collect_batches(dataset, 4)
     np.testing.assert_array_equal(inputs[:, 0, 0], dataset.sample_ids)
+
+
+def test_callable_dict_without_labels(tmp_path: Path) -> None:
+    path = write_module(
+        tmp_path / "nolabels.py",
+        "import numpy as np\n\ndef load():\n    return {'x': np.ones((4, 2))}\n",
+    )
+
+    with pytest.raises(
+        InvalidInputError, match=r"the dict returned by .*has no array named y or Y"
+    ):
+        load_dataset(f"{path}:load")
+
+
+def test_toy_with_one_class() -> None:
+    with pytest.raises(DatasetError, match=r"dataset 'toy' has only one class"):
+        load_dataset("toy", n_samples=2, seed=3)
 
 
 def test_callable_import_failure() -> None:
@@ -670,6 +697,47 @@ def test_iter_batches_rejects_bad_size(tmp_path: Path, batch_size: int) -> None:
 
     with pytest.raises(InvalidInputError, match=rf"invalid batch size {batch_size}"):
         next(dataset.iter_batches(batch_size))
+
+
+class BareInputs(torch.utils.data.Dataset[torch.Tensor]):
+    """A Dataset whose items are inputs only, without labels."""
+
+    def __len__(self) -> int:
+        return 5
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.full((3,), float(index))
+
+
+def test_dataset_of_bare_inputs_batches() -> None:
+    dataset = ProbeDataset(
+        name="bare",
+        inputs=BareInputs(),
+        labels=np.array([0, 1, 0, 1, 0]),
+        class_names=["a", "b"],
+        split=np.zeros(5, dtype=np.uint8),
+        sample_ids=np.arange(5),
+        fingerprint="0" * 64,
+    )
+
+    rows, inputs = collect_batches(dataset, 2)
+
+    assert dataset.sample_shape == (3,)
+    np.testing.assert_array_equal(rows, np.arange(5))
+    np.testing.assert_array_equal(inputs[:, 0], np.arange(5))
+
+
+def test_probe_dataset_rejects_length_mismatch() -> None:
+    with pytest.raises(DatasetError, match=r"split has 4 rows but labels has 5"):
+        ProbeDataset(
+            name="bad",
+            inputs=np.zeros((5, 2), dtype=np.float32),
+            labels=np.zeros(5, dtype=np.int64),
+            class_names=["a", "b"],
+            split=np.zeros(4, dtype=np.uint8),
+            sample_ids=np.arange(5),
+            fingerprint="0" * 64,
+        )
 
 
 # --- errors -------------------------------------------------------------------
