@@ -17,11 +17,11 @@ fingerprint that changes whenever any of them does. The accepted specs are
   no arguments that returns ``(x, y)``, ``(x, y, split)``, a dict with those
   keys, or a torch ``Dataset`` of ``(x, y)`` items.
 
-Array inputs are converted the same way for every spec: a 3-D array
+Array inputs are converted the same way for every spec. A 3-D array
 ``(n, H, W)`` is read as single-channel images and gets a channel axis,
-``(n, 1, H, W)``; uint8 values are divided by 255 so that they lie in [0, 1];
-every other numeric type is cast to float32 unscaled. Items of a torch
-``Dataset`` are cast to float32 and otherwise passed on unchanged.
+``(n, 1, H, W)``. Values of dtype uint8 are divided by 255 so that they lie in
+[0, 1], and every other numeric type is cast to float32 unscaled. Items of a
+torch ``Dataset`` are cast to float32 and otherwise passed on unchanged.
 
 A split column in the data (``split`` in a file, ``train``/``t10k`` IDX
 pairs) is kept. When that split has no val rows, a stratified val part is
@@ -284,8 +284,8 @@ def stratified_split(
     carried over to the next class, so that the split sizes stay within about
     one row of the fractions times the number of rows. A class with at least as
     many rows as there are positive fractions has at least one row in every
-    split with a positive fraction; many such small classes can move the split
-    sizes further from the fractions.
+    split with a positive fraction. Many such small classes can therefore move
+    the split sizes further from the fractions.
 
     Parameters
     ----------
@@ -472,9 +472,9 @@ def _read_source(
 
 
 def _reject_keys(spec: str, keys: Mapping[str, str | None]) -> None:
-    given = [name for name, value in keys.items() if value is not None]
-    if given:
-        options = ", ".join("--" + name.replace("_", "-") for name in given)
+    given_keys = [name for name, value in keys.items() if value is not None]
+    if given_keys:
+        options = ", ".join("--" + name.replace("_", "-") for name in given_keys)
         raise InvalidInputError(
             f"{options} only applies to .npz/.h5 files and callables returning a "
             f"dict, not to dataset {spec!r}; drop the option"
@@ -1140,11 +1140,11 @@ def _fingerprint(
     split: np.ndarray,
     sample_ids: np.ndarray,
 ) -> str:
-    """Hash the data that a model sees and the split it is probed on.
+    """Hash the model inputs, labels, class names, split and sample ids.
 
     Array inputs are hashed as they are stored (little-endian float32). A
-    torch Dataset is hashed item by item while its labels are read, over all
-    of its items; ``sample_ids`` then records which rows were kept.
+    torch Dataset is hashed item by item, over all of its items, while its
+    labels are read. The hashed ``sample_ids`` then record which rows were kept.
     """
     header = {"fingerprint_version": _FINGERPRINT_VERSION, "class_names": class_names}
     digest = inputs_hasher.copy() if inputs_hasher is not None else hashlib.sha256()

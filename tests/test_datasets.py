@@ -631,10 +631,10 @@ def test_limit_is_stratified_and_deterministic(tmp_path: Path) -> None:
     for split_code in range(3):
         for label in range(4):
             cell = np.flatnonzero((full.split == split_code) & (full.labels == label))
-            kept = limited.sample_ids[
+            kept_ids = limited.sample_ids[
                 (limited.split == split_code) & (limited.labels == label)
             ]
-            np.testing.assert_array_equal(kept, cell[: len(kept)])
+            np.testing.assert_array_equal(kept_ids, cell[: len(kept_ids)])
 
 
 @pytest.mark.parametrize("limit", [2, 59, 61, 119])
