@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 INPUT_SITE = "input"
 POOLINGS = ("none", "avg", "max")
 TYPE_PREFIX = "type:"
-# Name of the model itself when it has no children and so is its only module.
+# Site of the model's return value, listed only when no module hook fired: for
+# a model without children, a TorchScript module or a torch.export graph.
 ROOT_SITE = "output"
 # Per-sample dimensions a tensor needs before pooling applies: (C, H, W) or more.
 MIN_POOLED_DIMS = 3
@@ -154,7 +155,7 @@ def list_sites(
     """
     check_pooling(pooling)
     batch_size = int(example_batch.shape[0])
-    modules = _probe_modules(model)
+    modules = _hookable_modules(model)
     records: list[tuple[str, str, int, _OutputSummary]] = []
     counts: dict[str, int] = {}
 
@@ -173,7 +174,7 @@ def list_sites(
     ]
     try:
         with eval_mode(model), torch.inference_mode():
-            run_forward(model, example_batch)
+            output = run_forward(model, example_batch)
     finally:
         for handle in handles:
             handle.remove()
@@ -193,6 +194,8 @@ def list_sites(
                 pooling,
             )
         )
+    if not any(summary.n_tensors for *_, summary in records):
+        infos.append(_root_info(model, output, batch_size, pooling))
     return infos
 
 
@@ -217,29 +220,32 @@ def select_sites(
     Raises
     ------
     SiteError
-        When a request matches no site, or a chosen site has no tensor
-        output or no batch axis.
+        When a request matches no site, a site requested by its exact name
+        has no tensor output or no batch axis, or no site is left.
+
+    Notes
+    -----
+    Sites that the default, a glob or a type filter chose but that cannot be
+    probed are left out: silently when they return no tensor (such as the
+    guard function of a ``torch.export`` graph), with a warning when their
+    tensor has no batch axis.
     """
+    exact_names: set[str] = set()
     if requested is None:
         chosen = [info for info in infos if info.leaf]
     else:
         chosen_names: set[str] = set()
-        for request in requested:
-            matches = _match_request(infos, request.strip())
+        for raw_request in requested:
+            request = raw_request.strip()
+            matches = _match_request(infos, request)
             if not matches:
                 raise SiteError(_unknown_site_message(infos, request))
             chosen_names.update(matches)
+            if not _is_pattern(request):
+                exact_names.add(request)
         chosen = [info for info in infos if info.name in chosen_names]
 
-    unusable = [info for info in chosen if info.problem]
-    if unusable:
-        details = "; ".join(
-            f"site {info.name!r}: it {info.problem}" for info in unusable[:5]
-        )
-        raise SiteError(
-            f"cannot probe {details}; choose other sites with --sites "
-            "(run `probecvx layers CKPT` to list them)"
-        )
+    chosen = _drop_unusable(chosen, exact_names)
     multi = [info.name for info in chosen if info.n_tensors > 1]
     if multi:
         warnings.warn(
@@ -253,9 +259,17 @@ def select_sites(
 
 @contextlib.contextmanager
 def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put ``model`` in eval mode; restore each submodule's flag on exit."""
+    """Put ``model`` in eval mode; restore each submodule's flag on exit.
+
+    A ``torch.export`` graph module, which rejects ``eval()``, runs in the
+    mode it was exported in.
+    """
     flags = [(module, module.training) for module in model.modules()]
-    model.eval()
+    try:
+        model.eval()
+    except NotImplementedError:
+        # A torch.export graph rejects eval(): its mode was fixed at export time.
+        logger.debug("%s does not support eval(); running it as exported", model)
     try:
         yield model
     finally:
@@ -284,9 +298,10 @@ def run_forward(model: nn.Module, batch: torch.Tensor) -> Any:
             stack.pop()
 
     handles: list[RemovableHandle] = []
-    for name, module in model.named_modules():
-        handles.append(module.register_forward_pre_hook(pre_hook(name)))
-        handles.append(module.register_forward_hook(post_hook))
+    for name, module in [("", model), *_hookable_modules(model)]:
+        if not _is_scripted(module):
+            handles.append(module.register_forward_pre_hook(pre_hook(name)))
+            handles.append(module.register_forward_hook(post_hook))
     try:
         return model(batch)
     except ExtractionError:
@@ -326,8 +341,10 @@ class SiteRecorder:
         self.model = model
         self.sites = list(sites)
         self._by_name = {info.name: info for info in self.sites}
+        # Sites without a module name (input, output) come from the forward
+        # pass's argument and return value, not from hooks.
         self._hooked_modules = {
-            info.module_name for info in self.sites if info.name != INPUT_SITE
+            info.module_name for info in self.sites if info.module_name
         }
         self._handles: list[RemovableHandle] = []
         self._counts: dict[str, int] = {}
@@ -335,7 +352,7 @@ class SiteRecorder:
         self._batch_size = 0
 
     def __enter__(self) -> SiteRecorder:
-        modules = dict(_probe_modules(self.model))
+        modules = dict(_hookable_modules(self.model))
         missing = sorted(self._hooked_modules - set(modules))
         if missing:
             raise SiteError(
@@ -374,7 +391,10 @@ class SiteRecorder:
         if INPUT_SITE in self._by_name:
             self._store(self._by_name[INPUT_SITE], batch)
         try:
-            run_forward(self.model, batch)
+            output = run_forward(self.model, batch)
+            root = self._by_name.get(ROOT_SITE)
+            if root is not None and not root.module_name:
+                self._store_output(root, output)
             missing = [
                 info.name for info in self.sites if info.name not in self._captured
             ]
@@ -394,15 +414,18 @@ class SiteRecorder:
             self._counts[module_name] = call_index
             info = self._by_name.get(_site_name(module_name, call_index))
             if info is not None:
-                tensor, _ = _first_tensor(output)
-                if tensor is None:
-                    raise ExtractionError(
-                        f"probe site {info.name} returned {type(output).__name__} "
-                        "without a tensor; leave it out of --sites"
-                    )
-                self._store(info, tensor)
+                self._store_output(info, output)
 
         return hook
+
+    def _store_output(self, info: SiteInfo, output: Any) -> None:
+        tensor, _ = _first_tensor(output)
+        if tensor is None:
+            raise ExtractionError(
+                f"probe site {info.name} returned {type(output).__name__} "
+                "without a tensor; leave it out of --sites"
+            )
+        self._store(info, tensor)
 
     def _store(self, info: SiteInfo, tensor: torch.Tensor) -> None:
         shape = tuple(tensor.shape)
@@ -443,12 +466,34 @@ def format_site_names(names: Sequence[str], limit: int = _MAX_LISTED_NAMES) -> s
     return ", ".join(names[:limit]) + f", … ({len(names) - limit} more)"
 
 
-def _probe_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """Return (site name prefix, module) for every module that is a site."""
-    modules = [(name, module) for name, module in model.named_modules() if name]
-    if not modules:  # the model itself is a leaf
-        return [(ROOT_SITE, model)]
-    return modules
+def _hookable_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Return (dotted name, module) for every submodule that takes hooks."""
+    if _is_scripted(model):
+        return []
+    return [(name, module) for name, module in model.named_modules() if name]
+
+
+def _is_scripted(model: nn.Module) -> bool:
+    """Return whether ``model`` is TorchScript, whose modules reject hooks."""
+    return isinstance(model, torch.jit.ScriptModule)
+
+
+def _root_info(
+    model: nn.Module, output: Any, batch_size: int, pooling: str
+) -> SiteInfo:
+    """Describe the model's return value as the site ``output``."""
+    module_type = type(model).__name__
+    if _is_scripted(model):
+        module_type = str(getattr(model, "original_name", module_type))
+        warnings.warn(
+            f"TorchScript model {module_type} does not support module hooks, so "
+            f"only the sites {INPUT_SITE} and {ROOT_SITE} (its return value) can "
+            "be probed; save a state_dict to probe every layer",
+            UserWarning,
+            stacklevel=3,
+        )
+    summary = _summarize_output(output, batch_size)
+    return _module_info("", module_type, 1, 1, 1, True, summary, pooling, ROOT_SITE)
 
 
 def _is_leaf(module: nn.Module) -> bool:
@@ -536,12 +581,13 @@ def _module_info(
     leaf: bool,
     summary: _OutputSummary,
     pooling: str,
+    name: str | None = None,
 ) -> SiteInfo:
     # A site with a problem gets 0 features; select_sites rejects it if chosen.
     shape = summary.output_shape
     n_features = 0 if summary.problem else pooled_features(shape, pooling)
     return SiteInfo(
-        name=_site_name(module_name, call_index),
+        name=name or _site_name(module_name, call_index),
         module_type=module_type,
         output_shape=shape,
         n_features=n_features,
@@ -558,6 +604,40 @@ def _module_info(
     )
 
 
+def _drop_unusable(chosen: list[SiteInfo], exact_names: set[str]) -> list[SiteInfo]:
+    """Remove sites that cannot be probed; raise if one was requested by name."""
+    unusable = [info for info in chosen if info.problem]
+    named = [info for info in unusable if info.name in exact_names]
+    if named:
+        details = "; ".join(
+            f"site {info.name!r}: it {info.problem}" for info in named[:5]
+        )
+        raise SiteError(
+            f"cannot probe {details}; choose other sites with --sites "
+            "(run `probecvx layers CKPT` to list them)"
+        )
+
+    without_batch = [info.name for info in unusable if info.n_tensors]
+    if without_batch:
+        warnings.warn(
+            f"leaving out probe sites {format_site_names(without_batch)} because "
+            "their output has no leading batch axis",
+            UserWarning,
+            stacklevel=3,
+        )
+    usable = [info for info in chosen if not info.problem]
+    if not usable:
+        raise SiteError(
+            "none of the chosen probe sites returns a tensor with a batch axis; "
+            "choose other sites with --sites (run `probecvx layers CKPT`)"
+        )
+    return usable
+
+
+def _is_pattern(request: str) -> bool:
+    return request.startswith(TYPE_PREFIX) or any(char in request for char in "*?[")
+
+
 def _match_request(infos: Sequence[SiteInfo], request: str) -> list[str]:
     """Return the names of the sites that one --sites entry selects."""
     if request.startswith(TYPE_PREFIX):
@@ -567,7 +647,7 @@ def _match_request(infos: Sequence[SiteInfo], request: str) -> list[str]:
             for info in infos
             if fnmatch.fnmatchcase(info.module_type, pattern)
         ]
-    if any(char in request for char in "*?["):
+    if _is_pattern(request):
         return [info.name for info in infos if fnmatch.fnmatchcase(info.name, request)]
     return [info.name for info in infos if info.name == request]
 

@@ -205,26 +205,42 @@ def test_ordered_dict_output(seed: int) -> None:
         torch.testing.assert_close(captured["1"], model[0](batch) * 3)
 
 
-def test_output_without_tensor_fails(seed: int) -> None:
+def test_output_without_tensor_by_name(seed: int) -> None:
     infos = list_sites(StructuredNet(), torch.randn(4, 6))
     with pytest.raises(
         SiteError, match="cannot probe site 'text': it returns str without a tensor"
     ):
-        select_sites(infos, None)
-    with pytest.raises(SiteError, match="'text': it returns str"):
-        select_sites(infos, ["text"])
+        select_sites(infos, ["fc", "text"])
 
 
-def test_output_without_batch_axis_fails(seed: int) -> None:
-    class Total(nn.Module):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return x.sum()
+def test_output_without_tensor_left_out(seed: int) -> None:
+    infos = list_sites(StructuredNet(), torch.randn(4, 6))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "probe sites pair return several")
+        default = [info.name for info in select_sites(infos, None)]
+    assert default == ["input", "fc", "pair", "mapping"]
+    with pytest.raises(SiteError, match="none of the chosen probe sites"):
+        select_sites(infos, ["te*"])
 
+
+class Total(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.sum()
+
+
+def test_output_without_batch_axis_by_name(seed: int) -> None:
     infos = list_sites(nn.Sequential(nn.Linear(3, 2), Total()), torch.randn(4, 3))
     with pytest.raises(
-        SiteError, match=r"'1': it has output shape \(\) without a leading"
+        SiteError, match=r"'1': it has output shape \(\) without a leading batch"
     ):
         select_sites(infos, ["1"])
+
+
+def test_output_without_batch_axis_left_out(seed: int) -> None:
+    infos = list_sites(nn.Sequential(nn.Linear(3, 2), Total()), torch.randn(4, 3))
+    with pytest.warns(UserWarning, match="leaving out probe sites 1 because"):
+        sites = select_sites(infos, None)
+    assert [info.name for info in sites] == ["input", "0"]
 
 
 @pytest.mark.parametrize("pooling", ["avg", "max"])
@@ -320,3 +336,33 @@ def test_leaf_model_is_named_output(seed: int) -> None:
     infos = list_sites(nn.Linear(3, 2), torch.randn(2, 3))
     assert [info.name for info in infos] == ["input", "output"]
     assert infos[1].module_type == "Linear"
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace:DeprecationWarning")
+def test_torchscript_probes_input_and_output(seed: int) -> None:
+    model = TinyConvNet().eval()
+    scripted = torch.jit.trace(model, torch.rand(2, 1, 8, 8))
+    with pytest.warns(UserWarning, match="does not support module hooks"):
+        infos = list_sites(scripted, torch.rand(2, 1, 8, 8))
+    assert [info.name for info in infos] == ["input", "output"]
+    assert infos[1].module_type == "TinyConvNet"
+
+    batch = torch.rand(5, 1, 8, 8)
+    captured = capture(scripted, select_sites(infos, None), batch)
+    with torch.no_grad():
+        torch.testing.assert_close(captured["output"], model(batch))
+
+
+def test_exported_graph_probes_output(seed: int) -> None:
+    model = TinyConvNet().eval()
+    batch_dim = torch.export.Dim("batch")
+    exported = torch.export.export(
+        model, (torch.rand(2, 1, 8, 8),), dynamic_shapes={"x": {0: batch_dim}}
+    ).module()
+    infos = list_sites(exported, torch.rand(2, 1, 8, 8))
+    assert [info.name for info in select_sites(infos, None)] == ["input", "output"]
+
+    batch = torch.rand(5, 1, 8, 8)
+    captured = capture(exported, select_sites(infos, ["output"]), batch)
+    with torch.no_grad():
+        torch.testing.assert_close(captured["output"], model(batch))
