@@ -48,3 +48,6 @@ def main(verbose: int) -> None:
 
 
 # Command registrations, one line per command module.
+from probecvx.cli import (  # noqa: E402
+    fit,  # noqa: F401  (registers `probecvx fit`)
+)

@@ -1,0 +1,137 @@
+"""Tests of ``probecvx fit``: output, exit codes and option parsing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from probecvx.cli import main
+from probecvx.reports import INDEX_NAME, read_report
+from tests.test_fit import (
+    SOLVER,
+    toy_activations,
+    toy_targets,
+    write_series,
+    write_shard,
+)
+
+
+def run_fit(*args: str) -> tuple[int, str, str]:
+    """Run ``probecvx fit`` in-process; return (exit code, stdout, stderr)."""
+    result = CliRunner().invoke(
+        main, ["fit", "--solver", SOLVER, "--jobs", "1", *args], catch_exceptions=False
+    )
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_fit_prints_each_report(tmp_path: Path) -> None:
+    write_series(tmp_path / "acts")
+    out = tmp_path / "out"
+
+    code, stdout, stderr = run_fit(
+        str(tmp_path / "acts"), "--out", str(out), "--C", "0.1,1", "--quiet"
+    )
+
+    assert code == 0, stderr
+    assert stdout.splitlines() == [
+        str(out / "step_0.json"),
+        str(out / "step_10.json"),
+        str(out / "step_20.json"),
+    ]
+    assert stderr == ""
+    assert (out / INDEX_NAME).is_file()
+    assert read_report(out / "step_0.json")["fit"]["Cs"] == [0.1, 1.0]
+
+
+def test_fit_rerun_prints_nothing(tmp_path: Path) -> None:
+    write_series(tmp_path / "acts", steps=(0,))
+    args = (str(tmp_path / "acts"), "--out", str(tmp_path / "out"), "--C", "1")
+    assert run_fit(*args, "--quiet")[0] == 0
+
+    code, stdout, _ = run_fit(*args, "--quiet")
+    assert code == 0
+    assert stdout == ""
+
+    code, stdout, _ = run_fit(*args, "--quiet", "--force", "--sites", "input")
+    assert code == 0
+    assert stdout.splitlines() == [str(tmp_path / "out" / "step_0.json")]
+
+
+def test_fit_progress_on_stderr(tmp_path: Path) -> None:
+    write_series(tmp_path / "acts", steps=(0,))
+    code, stdout, stderr = run_fit(
+        str(tmp_path / "acts"), "--out", str(tmp_path / "out"), "--C", "1"
+    )
+    assert code == 0
+    assert "2/2" in stderr
+    assert "2/2" not in stdout
+
+
+def test_fit_failed_unit_exits_1(tmp_path: Path) -> None:
+    labels, _ = toy_targets()
+    broken = toy_activations(labels, 4, seed=3)
+    broken[:, 1] = np.inf
+    sites = {"input": toy_activations(labels, 4, seed=4), "fc": broken}
+    write_shard(tmp_path / "acts", "step_0", 0, sites)
+    write_series(tmp_path / "acts", steps=(10,))
+    out = tmp_path / "out"
+
+    code, stdout, stderr = run_fit(str(tmp_path / "acts"), "--out", str(out), "--quiet")
+
+    assert code == 1
+    assert stdout.splitlines() == [str(out / "step_0.json"), str(out / "step_10.json")]
+    assert stderr.startswith("Error: 1 of 4 probes failed; the others were fitted.")
+    assert "probe fc at step_0" in stderr
+    assert len(stderr.splitlines()) == 1
+
+
+def test_fit_corrupt_shard_exits_1(tmp_path: Path) -> None:
+    paths = write_series(tmp_path / "acts", steps=(0, 10))
+    paths[0].write_bytes(b"not an HDF5 file")
+
+    code, stdout, stderr = run_fit(
+        str(tmp_path / "acts"), "--out", str(tmp_path / "out"), "--quiet"
+    )
+
+    assert code == 1
+    assert stdout.splitlines() == [str(tmp_path / "out" / "step_10.json")]
+    assert "1 shards could not be read" in stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--C", "0.1,abc"], "invalid C 'abc' in '0.1,abc'"),
+        (["--C", "0,1"], "invalid C '0' in '0,1'"),
+        (["--C", "-1"], "invalid C '-1'"),
+        (["--jobs", "0"], "invalid n_jobs 0"),
+        (["--max-iter", "0"], "Invalid value for '--max-iter'"),
+        (["--tol", "-0.1"], "invalid tol -0.1"),
+        (["--sites", "nope"], "unknown probe site 'nope'"),
+    ],
+)
+def test_fit_bad_values_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    write_series(tmp_path / "acts", steps=(0,))
+    code, stdout, stderr = run_fit(
+        str(tmp_path / "acts"), "--out", str(tmp_path / "out"), *args
+    )
+    assert code == 2
+    assert message in stderr
+    assert stdout == ""
+
+
+def test_fit_missing_folder_exits_2(tmp_path: Path) -> None:
+    code, _, stderr = run_fit(str(tmp_path / "nothing"), "--out", str(tmp_path / "o"))
+    assert code == 2
+    assert f"activations folder {tmp_path / 'nothing'} does not exist" in stderr
+
+
+def test_fit_unknown_solver_exits_2(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["fit", str(tmp_path), "--out", str(tmp_path / "o"), "--solver", "sgd"]
+    )
+    assert result.exit_code == 2
+    assert "'sgd' is not one of" in result.stderr
