@@ -120,16 +120,24 @@ class StructuredNet(nn.Module):
         return self.mapping(first * second)["hidden"]
 
 
-class NaNAfterFirst(nn.Module):
-    """Linear layer followed by a log that gives NaN for negative values."""
+class Log(nn.Module):
+    """Natural log, NaN for negative inputs."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.log(x)
+
+
+class LogNet(nn.Module):
+    """flatten → linear → log: the site ``log`` is NaN where the linear is negative."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.fc = nn.Linear(64, 4)
         self.flatten = nn.Flatten()
+        self.fc = nn.Linear(64, 4)
+        self.log = Log()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.log(self.fc(self.flatten(x)) - 1e6)
+        return self.log(self.fc(self.flatten(x)))
 
 
 def set_dyadic_weights(model: nn.Module, seed: int) -> nn.Module:
