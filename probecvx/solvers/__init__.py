@@ -1,6 +1,9 @@
 """Probe solvers. Importing this package registers every built-in solver."""
 
-from probecvx.solvers import reference  # noqa: F401  (registers sklearn-*)
+from probecvx.solvers import (
+    lbfgs,  # noqa: F401  (registers lbfgs)
+    reference,  # noqa: F401  (registers sklearn-*)
+)
 from probecvx.solvers.base import (
     ProbeFit,
     Solver,

@@ -1,0 +1,435 @@
+"""Loss, gradient and stopping rule of the probe objective, evaluated on GEMMs.
+
+The objective is the one defined in :mod:`probecvx.solvers.base`::
+
+    f(W, b) = mean_i CE(y_i, softmax(W x_i + b)) + ||W||_F^2 / (2 * C * n)
+
+The evaluators here compute it, with its gradient, for several probes at once:
+the weights of ``m`` probes are stacked into one ``(m * K, d)`` matrix, so one
+GEMM gives the logits of every probe and one more gives every gradient. Rows
+are processed in blocks: the block of ``X`` is still in cache for the second
+GEMM, so a pass reads ``X`` from memory once, and the only buffers are a few
+``(block_rows, m * K)`` arrays, whatever the number of rows.
+
+Precision: the GEMMs run in the data's dtype (float32 data is never copied to
+float64), while the softmax, the loss sums and the accumulation of the gradient
+across blocks are float64.
+
+Every probecvx solver stops by the same scale-free rule,
+:func:`gradient_converged`, and reports it as :data:`STOP_RULE`.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
+
+#: The default ``tol`` for :func:`gradient_converged`. On the benchmark
+#: problems (``benchmarks/solvers.py``) it gives a relative objective gap to
+#: the optimum below 1e-6.
+DEFAULT_TOL = 1e-5
+
+#: The floor under ``|f|`` in the stopping rule; see :func:`gradient_converged`.
+OBJECTIVE_FLOOR = 1e-3
+
+#: The stopping rule of every probecvx solver, as recorded in ``ProbeFit``.
+STOP_RULE = f"max|grad f| <= tol * max(|f|, {OBJECTIVE_FLOOR:g})"
+
+#: The intercept given to a class absent from the training labels. The infimum
+#: of the objective is approached as that intercept goes to minus infinity, so
+#: the class's weight row stays zero and its intercept is a stand-in so negative
+#: that ``exp`` underflows to exactly 0 in float64: the class is never
+#: predicted and the objective equals that of the problem without the class.
+ABSENT_INTERCEPT = -1e3
+
+# The bytes of X one block holds on the CPU: small enough to stay in the
+# last-level cache between the two GEMMs of a block.
+_CPU_BLOCK_BYTES = 4 * 2**20
+# On a GPU the limit is device memory, not cache, so blocks are larger.
+_GPU_BLOCK_BYTES = 512 * 2**20
+_MIN_BLOCK_ROWS = 256
+
+
+def gradient_converged(grad_max: float, objective: float, tol: float) -> bool:
+    """Return whether a probe meets the stopping rule :data:`STOP_RULE`.
+
+    Parameters
+    ----------
+    grad_max : float
+        ``max |df/dθ|`` over all weights and intercepts of one probe.
+    objective : float
+        The objective ``f`` at the same point.
+    tol : float
+        The tolerance; :data:`DEFAULT_TOL` unless the caller asks otherwise.
+
+    Notes
+    -----
+    ``f`` is a mean over samples, so the rule does not depend on ``n``, and
+    the gradient is measured relative to ``f`` itself, so nearly separable
+    training rows (loss far below 1) are solved to the same relative gap as
+    hard ones. The floor keeps the threshold above the rounding noise of
+    float32 GEMMs, about 1e-9 on the gradient, when ``f`` is tiny.
+    """
+    return grad_max <= tol * max(abs(objective), OBJECTIVE_FLOOR)
+
+
+def present_classes(y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Return the classes present in ``y`` and the labels renumbered to them.
+
+    Parameters
+    ----------
+    y : ndarray of shape (n_samples,)
+        Class codes in ``0..n_classes-1``.
+    n_classes : int
+        The size of the fixed class set.
+
+    Returns
+    -------
+    present : ndarray of shape (n_present,), int64
+        The sorted codes that occur in ``y``.
+    y_local : ndarray of shape (n_samples,), int64
+        ``y`` renumbered so that ``present[y_local] == y``.
+    """
+    present = np.unique(y).astype(np.int64)
+    lookup = np.full(n_classes, -1, dtype=np.int64)
+    lookup[present] = np.arange(len(present))
+    return present, lookup[y]
+
+
+def default_block_rows(n_features: int, itemsize: int, on_gpu: bool) -> int:
+    """Return the rows per block for a matrix with rows of ``n_features`` values."""
+    budget = _GPU_BLOCK_BYTES if on_gpu else _CPU_BLOCK_BYTES
+    return max(_MIN_BLOCK_ROWS, budget // max(1, n_features * itemsize))
+
+
+class Evaluator(Protocol):
+    """Loss and gradient of ``m`` probes on one data matrix.
+
+    Inputs and outputs are float64 numpy arrays on the host whatever the
+    backend, so an optimiser written against this protocol runs on any device.
+    Labels are local class indices ``0..K-1`` where ``K`` is the number of
+    classes present (see :func:`present_classes`).
+    """
+
+    n_samples: int
+    n_features: int
+
+    def loss_grad(
+        self, coef: np.ndarray, intercept: np.ndarray, Cs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return the objective and its gradient for each of ``m`` probes.
+
+        Parameters
+        ----------
+        coef : ndarray of shape (m, K, n_features)
+        intercept : ndarray of shape (m, K)
+        Cs : ndarray of shape (m,)
+            The inverse penalty strength of each probe.
+
+        Returns
+        -------
+        objective : ndarray of shape (m,)
+        grad_coef : ndarray of shape (m, K, n_features)
+        grad_intercept : ndarray of shape (m, K)
+        """
+        ...
+
+    def loss_error(
+        self, coef: np.ndarray, intercept: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return the mean log-loss and the error rate of each of ``m`` probes.
+
+        Parameters
+        ----------
+        coef : ndarray of shape (m, K, n_features)
+        intercept : ndarray of shape (m, K)
+
+        Returns
+        -------
+        loss, error : ndarray of shape (m,)
+        """
+        ...
+
+
+class NumpyEvaluator:
+    """:class:`Evaluator` on a numpy matrix (a ``np.memmap`` works too).
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+        float64 data is used as is; any other float dtype is read block by
+        block into float32, so no float64 copy of it is ever made.
+    y : ndarray of shape (n_samples,)
+        Local class indices ``0..n_classes-1``.
+    n_classes : int
+        ``K``, the number of classes present.
+    block_rows : int or None, default=None
+        Rows per block; None sizes blocks to about 4 MiB of ``X``.
+    """
+
+    def __init__(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        n_classes: int,
+        block_rows: int | None = None,
+    ) -> None:
+        self.X = X
+        self.y = np.asarray(y, dtype=np.intp)
+        self.n_classes = n_classes
+        self.n_samples, self.n_features = X.shape
+        self.dtype = np.float64 if X.dtype == np.float64 else np.float32
+        itemsize = np.dtype(self.dtype).itemsize
+        self.block_rows = block_rows or default_block_rows(
+            self.n_features, itemsize, on_gpu=False
+        )
+
+    def _blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        # A generator, so that a dtype conversion holds one block at a time.
+        for start in range(0, self.n_samples, self.block_rows):
+            stop = min(start + self.block_rows, self.n_samples)
+            rows = self.X[start:stop].astype(self.dtype, copy=False)
+            yield rows, self.y[start:stop]
+
+    def _stacked_weights(self, coef: np.ndarray) -> np.ndarray:
+        """Return ``coef`` as one ``(n_features, m * K)`` matrix in the GEMM dtype."""
+        m, k, d = coef.shape
+        return coef.reshape(m * k, d).T.astype(self.dtype)
+
+    def loss_grad(
+        self, coef: np.ndarray, intercept: np.ndarray, Cs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return the objective and its gradient; see :class:`Evaluator`."""
+        m, k, d = coef.shape
+        weights = self._stacked_weights(coef)
+        bias = intercept.reshape(1, m * k)
+        loss = np.zeros(m)
+        grad_stacked = np.zeros((m * k, d))
+        grad_intercept = np.zeros((m, k))
+
+        for rows, labels in self._blocks():
+            # Softmax in float64 on this block's logits, shape (rows, m, K).
+            logits = (rows @ weights).astype(np.float64)
+            logits += bias
+            logits3 = logits.reshape(len(rows), m, k)
+            index = np.arange(len(rows))
+            true_logit = logits3[index, :, labels]
+            shift = logits3.max(axis=2, keepdims=True)
+            logits3 -= shift
+            np.exp(logits3, out=logits3)
+            norm = logits3.sum(axis=2)
+            loss += (np.log(norm) + shift[:, :, 0] - true_logit).sum(axis=0)
+
+            # The residual softmax - onehot, in place; its GEMM with the
+            # block gives the gradient, accumulated across blocks in float64.
+            logits3 /= norm[:, :, None]
+            logits3[index, :, labels] -= 1.0
+            grad_intercept += logits3.sum(axis=0)
+            residual = logits.astype(self.dtype, copy=False)
+            grad_stacked += residual.T @ rows
+
+        return _add_penalty(
+            loss, grad_stacked, grad_intercept, coef, Cs, self.n_samples
+        )
+
+    def loss_error(
+        self, coef: np.ndarray, intercept: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return the mean log-loss and the error rate; see :class:`Evaluator`."""
+        m, k, _ = coef.shape
+        weights = self._stacked_weights(coef)
+        bias = intercept.reshape(1, m * k)
+        loss = np.zeros(m)
+        wrong = np.zeros(m)
+
+        for rows, labels in self._blocks():
+            logits = (rows @ weights).astype(np.float64)
+            logits += bias
+            logits3 = logits.reshape(len(rows), m, k)
+            true_logit = logits3[np.arange(len(rows)), :, labels]
+            wrong += (logits3.argmax(axis=2) != labels[:, None]).sum(axis=0)
+            shift = logits3.max(axis=2, keepdims=True)
+            norm = np.exp(logits3 - shift).sum(axis=2)
+            loss += (np.log(norm) + shift[:, :, 0] - true_logit).sum(axis=0)
+
+        return loss / self.n_samples, wrong / self.n_samples
+
+
+class TorchEvaluator:
+    """:class:`Evaluator` on a torch device, for example ``"cuda"``.
+
+    ``X`` is moved to the device once (on ``"cpu"`` the tensor shares the
+    numpy memory). Only the weights, ``m * K * (n_features + 1)`` values,
+    travel between host and device at each evaluation.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+        float64 data is used as is; other float dtypes are cast to float32
+        block by block on the device.
+    y : ndarray of shape (n_samples,)
+        Local class indices ``0..n_classes-1``.
+    n_classes : int
+        ``K``, the number of classes present.
+    device : str
+        A torch device string: ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ...
+    block_rows : int or None, default=None
+        Rows per block; None sizes blocks to about 4 MiB of ``X`` on the CPU
+        and 512 MiB on other devices.
+    """
+
+    def __init__(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        n_classes: int,
+        device: str,
+        block_rows: int | None = None,
+    ) -> None:
+        import torch
+
+        self.torch = torch
+        self.device = torch.device(device)
+        self.n_samples, self.n_features = X.shape
+        self.n_classes = n_classes
+        self.dtype = torch.float64 if X.dtype == np.float64 else torch.float32
+        with warnings.catch_warnings():
+            # A read-only array (a memmap opened "r") triggers a warning that
+            # writes would be undefined; the tensor is only ever read.
+            warnings.filterwarnings("ignore", message=".*not writable.*")
+            self.X = torch.from_numpy(X).to(self.device)
+        self.y = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(self.device)
+        itemsize = 8 if self.dtype == torch.float64 else 4
+        self.block_rows = block_rows or default_block_rows(
+            self.n_features, itemsize, on_gpu=self.device.type != "cpu"
+        )
+
+    def _blocks(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for start in range(0, self.n_samples, self.block_rows):
+            stop = min(start + self.block_rows, self.n_samples)
+            rows = self.X[start:stop].to(self.dtype)
+            yield rows, self.y[start:stop]
+
+    def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+        return self.torch.from_numpy(np.ascontiguousarray(array)).to(
+            device=self.device, dtype=dtype
+        )
+
+    def loss_grad(
+        self, coef: np.ndarray, intercept: np.ndarray, Cs: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Return the objective and its gradient; see :class:`Evaluator`."""
+        torch = self.torch
+        m, k, d = coef.shape
+        weights = self._to_device(coef.reshape(m * k, d), self.dtype).T
+        bias = self._to_device(intercept.reshape(1, m * k), torch.float64)
+        loss = torch.zeros(m, dtype=torch.float64, device=self.device)
+        grad_stacked = torch.zeros((m * k, d), dtype=torch.float64, device=self.device)
+        grad_intercept = torch.zeros((m, k), dtype=torch.float64, device=self.device)
+
+        for rows, labels in self._blocks():
+            logits = (rows @ weights).to(torch.float64) + bias
+            logits3 = logits.view(len(rows), m, k)
+            index = torch.arange(len(rows), device=self.device)
+            true_logit = logits3[index, :, labels]
+            log_norm = torch.logsumexp(logits3, dim=2)
+            loss += (log_norm - true_logit).sum(dim=0)
+
+            residual3 = torch.exp(logits3 - log_norm[:, :, None])
+            residual3[index, :, labels] -= 1.0
+            grad_intercept += residual3.sum(dim=0)
+            residual = residual3.view(len(rows), m * k).to(self.dtype)
+            grad_stacked += (residual.T @ rows).to(torch.float64)
+
+        return _add_penalty(
+            loss.cpu().numpy(),
+            grad_stacked.cpu().numpy(),
+            grad_intercept.cpu().numpy(),
+            coef,
+            Cs,
+            self.n_samples,
+        )
+
+    def loss_error(
+        self, coef: np.ndarray, intercept: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return the mean log-loss and the error rate; see :class:`Evaluator`."""
+        torch = self.torch
+        m, k, d = coef.shape
+        weights = self._to_device(coef.reshape(m * k, d), self.dtype).T
+        bias = self._to_device(intercept.reshape(1, m * k), torch.float64)
+        loss = torch.zeros(m, dtype=torch.float64, device=self.device)
+        wrong = torch.zeros(m, dtype=torch.float64, device=self.device)
+
+        for rows, labels in self._blocks():
+            logits = (rows @ weights).to(torch.float64) + bias
+            logits3 = logits.view(len(rows), m, k)
+            true_logit = logits3[torch.arange(len(rows), device=self.device), :, labels]
+            wrong += (logits3.argmax(dim=2) != labels[:, None]).sum(dim=0)
+            loss += (torch.logsumexp(logits3, dim=2) - true_logit).sum(dim=0)
+
+        n = self.n_samples
+        return loss.cpu().numpy() / n, wrong.cpu().numpy() / n
+
+
+def _add_penalty(
+    loss_sum: np.ndarray,
+    grad_stacked: np.ndarray,
+    grad_intercept_sum: np.ndarray,
+    coef: np.ndarray,
+    Cs: np.ndarray,
+    n_samples: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Turn sums over samples into the objective and gradient of each probe."""
+    m, k, d = coef.shape
+    strength = 1.0 / (Cs * n_samples)  # (m,)
+    objective = loss_sum / n_samples + 0.5 * strength * np.einsum(
+        "mkd,mkd->m", coef, coef
+    )
+    grad_coef = grad_stacked.reshape(m, k, d) / n_samples
+    grad_coef += strength[:, None, None] * coef
+    return objective, grad_coef, grad_intercept_sum / n_samples
+
+
+def loss_and_gradient(
+    X: np.ndarray,
+    y: np.ndarray,
+    coef: np.ndarray,
+    intercept: np.ndarray,
+    C: float,
+) -> tuple[float, np.ndarray, np.ndarray]:
+    """Return ``f``, ``df/dcoef`` and ``df/dintercept`` of one probe.
+
+    A convenience for solvers that check :func:`gradient_converged` now and
+    then, and for tests. Every class in ``0..n_classes-1`` takes part, so a
+    class absent from ``y`` needs a very negative intercept
+    (:data:`ABSENT_INTERCEPT`) for the result to match a fit.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_samples, n_features)
+    y : ndarray of shape (n_samples,)
+        Class codes in ``0..n_classes-1``.
+    coef : ndarray of shape (n_classes, n_features)
+    intercept : ndarray of shape (n_classes,)
+    C : float
+
+    Returns
+    -------
+    objective : float
+    grad_coef : ndarray of shape (n_classes, n_features)
+    grad_intercept : ndarray of shape (n_classes,)
+    """
+    evaluator = NumpyEvaluator(X, y, coef.shape[0])
+    objective, grad_coef, grad_intercept = evaluator.loss_grad(
+        np.asarray(coef, dtype=np.float64)[None],
+        np.asarray(intercept, dtype=np.float64)[None],
+        np.array([float(C)]),
+    )
+    return float(objective[0]), grad_coef[0], grad_intercept[0]

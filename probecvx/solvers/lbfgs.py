@@ -1,0 +1,604 @@
+"""Full-batch L-BFGS for probes, with every value of ``C`` sharing each pass.
+
+Each iteration of L-BFGS needs the objective and gradient over all rows, which
+costs two GEMMs with ``X``. The probes for the different values of ``C`` are
+fitted together: their weights are stacked so that one GEMM over a block of
+``X`` serves all of them (see :mod:`probecvx.solvers._objective`), and the cost
+of a pass grows with the number of probes much more slowly than the number of
+passes would.
+
+Each ``C`` still runs its own L-BFGS (history, line search, stopping test).
+One L-BFGS on the sum of the objectives would also have the right minimiser,
+because the sum is separable, but it would mix the probes: its curvature pairs
+and line search step are shared, so its Hessian model is not block-diagonal,
+and its stopping test on the joint gradient lets one badly converged probe hide
+behind well converged ones. Here the probes run in lockstep: in each round,
+every probe still running proposes one trial point, the trial points are
+evaluated together, and each probe then accepts its step or backtracks on its
+own. A probe that has stopped drops out of the GEMMs.
+
+The optimiser state is float64 numpy on the host. With ``device="cuda"`` the
+data and the GEMMs live on the GPU and only the weights travel each round.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+import warnings
+from collections import deque
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from probecvx.errors import ConvergenceWarning, SolverError
+from probecvx.solvers._objective import (
+    ABSENT_INTERCEPT,
+    OBJECTIVE_FLOOR,
+    STOP_RULE,
+    Evaluator,
+    NumpyEvaluator,
+    TorchEvaluator,
+    gradient_converged,
+    present_classes,
+)
+from probecvx.solvers.base import ProbeFit, Validation, register_solver
+
+logger = logging.getLogger(__name__)
+
+# Armijo constant of the line search (sufficient decrease).
+_ARMIJO = 1e-4
+# Backtracking steps allowed in one line search before it is declared failed.
+_MAX_BACKTRACKS = 30
+# A curvature pair is stored only when s.y > _CURVATURE_EPS * |s| |y|.
+_CURVATURE_EPS = 1e-10
+
+
+@dataclass
+class _Problem:
+    """One probe's L-BFGS state: the iterate, its history and its line search.
+
+    ``theta`` packs the weights then the intercepts: ``K * d + K`` values.
+    """
+
+    C: float
+    theta: np.ndarray
+    history: int
+    objective: float = math.inf
+    grad: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    grad_max: float = math.inf
+    n_iter: int = 0
+    n_evals: int = 0
+    val_passes: float = 0.0
+    status: str = "running"
+    stopped_at: float = 0.0
+    # Line search: direction, step, slope at step 0, backtracks so far.
+    direction: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    step: float = 0.0
+    slope: float = 0.0
+    backtracks: int = 0
+    pairs: deque[tuple[np.ndarray, np.ndarray, float]] = field(default_factory=deque)
+    # Early stopping on the validation loss.
+    best_val_loss: float = math.inf
+    best_theta: np.ndarray | None = None
+    best_objective: float = math.inf
+    best_grad_max: float = math.inf
+    best_iter: int = 0
+
+    @property
+    def running(self) -> bool:
+        return self.status == "running"
+
+    def trial_point(self) -> np.ndarray:
+        return self.theta + self.step * self.direction
+
+    def start(self, objective: float, grad: np.ndarray, tol: float) -> None:
+        """Take the objective and gradient at the initial point."""
+        self._set_point(objective, grad)
+        if gradient_converged(self.grad_max, self.objective, tol):
+            self.status = "converged"
+            return
+        self._new_direction()
+
+    def update(
+        self, objective: float, grad: np.ndarray, tol: float, max_iter: int
+    ) -> bool:
+        """Take the objective and gradient at the trial point.
+
+        Returns whether the trial point was accepted as the next iterate.
+        """
+        slope_new = float(grad @ self.direction)
+        decrease_ok = objective <= self.objective + _ARMIJO * self.step * self.slope
+        # On a convex objective f(t) <= f(0) + t f'(t), so a small enough slope
+        # at the trial point proves sufficient decrease on its own. This test
+        # still works when float32 rounding hides the change in f.
+        slope_ok = slope_new <= _ARMIJO * self.slope
+        if not (math.isfinite(objective) and (decrease_ok or slope_ok)):
+            self._backtrack(objective, slope_new)
+            return False
+
+        s = self.step * self.direction
+        y = grad - self.grad
+        sy = float(s @ y)
+        if sy > _CURVATURE_EPS * float(np.linalg.norm(s) * np.linalg.norm(y)):
+            if len(self.pairs) == self.history:
+                self.pairs.popleft()
+            self.pairs.append((s, y, 1.0 / sy))
+        self.theta = self.theta + s
+        self._set_point(objective, grad)
+        self.n_iter += 1
+
+        if gradient_converged(self.grad_max, self.objective, tol):
+            self.status = "converged"
+        elif self.n_iter >= max_iter:
+            self.status = "max_iter"
+        else:
+            self._new_direction()
+        return True
+
+    def _set_point(self, objective: float, grad: np.ndarray) -> None:
+        self.objective = objective
+        self.grad = grad
+        self.grad_max = float(np.max(np.abs(grad)))
+
+    def _new_direction(self) -> None:
+        """Set the L-BFGS direction (two-loop recursion) and the first step."""
+        q = self.grad.copy()
+        alphas = []
+        for s, y, rho in reversed(self.pairs):
+            alpha = rho * float(s @ q)
+            q -= alpha * y
+            alphas.append(alpha)
+        if self.pairs:
+            s, y, _ = self.pairs[-1]
+            q *= float(s @ y) / float(y @ y)
+        for (s, y, rho), alpha in zip(self.pairs, reversed(alphas), strict=True):
+            beta = rho * float(y @ q)
+            q += (alpha - beta) * s
+        self.direction = -q
+        self.slope = float(self.grad @ self.direction)
+
+        if self.pairs and self.slope < 0:
+            self.step = 1.0
+        else:
+            # No history, or rounding broke the descent property: restart
+            # along -grad with a step of length at most 1.
+            self.pairs.clear()
+            self.direction = -self.grad
+            self.slope = -float(self.grad @ self.grad)
+            self.step = min(1.0, 1.0 / math.sqrt(-self.slope))
+        self.backtracks = 0
+
+    def _backtrack(self, objective: float, slope_new: float) -> None:
+        """Shrink the step by safeguarded cubic interpolation."""
+        self.backtracks += 1
+        if self.backtracks > _MAX_BACKTRACKS:
+            self.status = "line_search"
+            return
+        step = self.step
+        shrunk = 0.5 * step
+        if math.isfinite(objective) and math.isfinite(slope_new):
+            # Minimiser of the cubic through f(0), f'(0), f(step), f'(step).
+            d1 = self.slope + slope_new - 3.0 * (objective - self.objective) / step
+            radicand = d1 * d1 - self.slope * slope_new
+            if radicand >= 0.0:
+                d2 = math.sqrt(radicand)
+                denominator = slope_new - self.slope + 2.0 * d2
+                if denominator != 0.0:
+                    shrunk = step - step * (slope_new + d2 - d1) / denominator
+            shrunk = min(max(shrunk, 0.1 * step), 0.5 * step)
+        else:
+            shrunk = 0.1 * step
+        self.step = shrunk
+
+    def observe_validation(self, val_loss: float, patience: int) -> None:
+        """Record the validation loss at the current iterate for early stopping."""
+        if val_loss < self.best_val_loss:
+            self.best_val_loss = val_loss
+            self.best_theta = self.theta.copy()
+            self.best_objective = self.objective
+            self.best_grad_max = self.grad_max
+            self.best_iter = self.n_iter
+        elif self.running and self.n_iter - self.best_iter >= patience:
+            self.status = "early_stopped"
+
+    def restore_best(self) -> None:
+        """Go back to the iterate with the lowest validation loss."""
+        if self.best_theta is not None:
+            self.theta = self.best_theta
+            self.objective = self.best_objective
+            self.grad_max = self.best_grad_max
+
+
+class LbfgsSolver:
+    """Full-batch L-BFGS on GEMMs, fitting every value of ``C`` in one pass.
+
+    Parameters
+    ----------
+    device : str or None, default=None
+        None runs on numpy. A torch device string (``"cpu"``, ``"cuda"``,
+        ``"cuda:1"``) moves the data to that device once and runs the GEMMs
+        there with torch; the optimiser state stays float64 on the host.
+    history : int, default=10
+        Curvature pairs kept per probe. Memory per probe is about
+        ``2 * history + 6`` vectors of ``n_classes * (n_features + 1)``
+        float64 values.
+    block_rows : int or None, default=None
+        Rows of ``X`` per GEMM block; None sizes blocks to about 4 MiB of
+        ``X`` on the CPU and 512 MiB on a GPU.
+    patience : int, default=10
+        With ``early_stopping``, a probe stops after this many iterations
+        without a new lowest validation loss.
+
+    Notes
+    -----
+    Classes absent from ``y`` are left out of the optimisation: their weight
+    row is zero and their intercept is
+    :data:`~probecvx.solvers._objective.ABSENT_INTERCEPT`, which is where the
+    objective reaches its infimum. The intercepts of the classes present are
+    returned centred to mean zero, because the objective does not change when
+    they all shift by the same amount.
+
+    ``ProbeFit.data_passes`` counts the passes over the training rows made
+    while that probe was running, each shared with the other probes running
+    then; a pass over validation rows counts as ``n_val / n`` of a pass.
+    ``fit_seconds`` is the wall time from the start of the joint fit until that
+    probe stopped.
+    """
+
+    name = "lbfgs"
+
+    def __init__(
+        self,
+        device: str | None = None,
+        *,
+        history: int = 10,
+        block_rows: int | None = None,
+        patience: int = 10,
+    ) -> None:
+        if history < 1:
+            raise SolverError(f"history must be at least 1, got {history}")
+        if patience < 1:
+            raise SolverError(f"patience must be at least 1, got {patience}")
+        self.device = device
+        self.history = history
+        self.block_rows = block_rows
+        self.patience = patience
+        if device is not None and device != "cpu":
+            self.name = f"lbfgs-{device.split(':')[0]}"
+
+    def fit(
+        self,
+        X: np.ndarray,
+        y: np.ndarray,
+        n_classes: int,
+        Cs: Sequence[float],
+        *,
+        tol: float,
+        max_iter: int,
+        warm_start: tuple[np.ndarray, np.ndarray] | None = None,
+        validation: Validation | None = None,
+        early_stopping: bool = False,
+    ) -> list[ProbeFit]:
+        """Fit one probe per value in ``Cs``; see :class:`~probecvx.solvers.Solver`.
+
+        Parameters
+        ----------
+        X : ndarray of shape (n_samples, n_features)
+            Standardised features, float32 or float64 (other float dtypes are
+            read as float32 block by block).
+        y : ndarray of shape (n_samples,)
+            Class codes in ``0..n_classes-1``.
+        n_classes : int
+            The size of the fixed class set.
+        Cs : sequence of float
+            Inverse penalty strengths; one probe is returned per value.
+        tol : float
+            Tolerance of the stopping rule
+            :func:`~probecvx.solvers._objective.gradient_converged`.
+        max_iter : int
+            L-BFGS iterations allowed per probe.
+        warm_start : (coef, intercept) or None, default=None
+            A previous solution, shapes ``(n_classes, n_features)`` and
+            ``(n_classes,)``, used as the starting point of every probe.
+        validation : Validation or None, default=None
+            Rows on which each probe's loss and error are reported in
+            ``extra["val_loss"]`` and ``extra["val_error"]``.
+        early_stopping : bool, default=False
+            Stop each probe after ``patience`` iterations without a lower
+            validation loss and return its iterate of lowest validation loss.
+
+        Returns
+        -------
+        list of ProbeFit
+            In the order of ``Cs``.
+        """
+        _check_arguments(Cs, early_stopping, validation)
+        if not Cs:
+            return []
+        start_time = time.perf_counter()
+        present, y_local = present_classes(y, n_classes)
+        train = self._evaluator(X, y_local, len(present))
+        val = None
+        if validation is not None:
+            val = self._evaluator(validation.X, validation.y, n_classes)
+        theta0 = _initial_point(present, y_local, X.shape[1], n_classes, warm_start)
+        problems = [
+            _Problem(C=float(C), theta=theta0.copy(), history=self.history) for C in Cs
+        ]
+
+        loop = _Lockstep(problems, train, present, n_classes, tol, max_iter)
+        if early_stopping:
+            assert val is not None
+            loop.stop_early(val, self.patience)
+        loop.run(start_time)
+
+        fits = [
+            self._probe_fit(problem, present, n_classes, tol, len(problems))
+            for problem in problems
+        ]
+        if val is not None:
+            _record_validation(fits, val)
+        for fit, problem in zip(fits, problems, strict=True):
+            _warn_if_not_converged(fit, problem, self.name, stacklevel=2)
+        logger.debug(
+            "%s fitted %d probes on %s in %.3g s",
+            self.name,
+            len(fits),
+            X.shape,
+            time.perf_counter() - start_time,
+        )
+        return fits
+
+    def _evaluator(self, X: np.ndarray, y: np.ndarray, n_classes: int) -> Evaluator:
+        if self.device is None:
+            return NumpyEvaluator(X, y, n_classes, self.block_rows)
+        return TorchEvaluator(X, y, n_classes, self.device, self.block_rows)
+
+    def _probe_fit(
+        self,
+        problem: _Problem,
+        present: np.ndarray,
+        n_classes: int,
+        tol: float,
+        n_probes: int,
+    ) -> ProbeFit:
+        coef, intercept = _expand(problem.theta, present, n_classes)
+        return ProbeFit(
+            C=problem.C,
+            coef=coef,
+            intercept=intercept,
+            n_iter=problem.n_iter,
+            converged=problem.status == "converged",
+            objective=problem.objective,
+            grad_norm=problem.grad_max,
+            data_passes=problem.n_evals + problem.val_passes,
+            fit_seconds=problem.stopped_at,
+            solver=self.name,
+            stop_rule=STOP_RULE,
+            tol=tol,
+            extra={
+                "stop_reason": problem.status,
+                "n_evaluations": problem.n_evals,
+                "n_probes_joint": n_probes,
+                "device": self.device or "numpy",
+            },
+        )
+
+
+class _Lockstep:
+    """Runs the L-BFGS of several probes in lockstep, sharing each evaluation."""
+
+    def __init__(
+        self,
+        problems: list[_Problem],
+        train: Evaluator,
+        present: np.ndarray,
+        n_classes: int,
+        tol: float,
+        max_iter: int,
+    ) -> None:
+        self.problems = problems
+        self.train = train
+        self.present = present
+        self.n_classes = n_classes
+        self.tol = tol
+        self.max_iter = max_iter
+        self.val: Evaluator | None = None
+        self.patience = 0
+
+    def stop_early(self, val: Evaluator, patience: int) -> None:
+        """Track the validation loss at every iterate and stop on it."""
+        self.val = val
+        self.patience = patience
+
+    def run(self, start_time: float) -> None:
+        """Iterate until every probe has stopped."""
+        problems = self.problems
+        for problem, objective, grad, val_loss in zip(
+            problems,
+            *self._evaluate(problems, [p.theta for p in problems]),
+            strict=True,
+        ):
+            problem.start(objective, grad, self.tol)
+            if self.val is not None:
+                problem.observe_validation(val_loss, self.patience)
+
+        while True:
+            active = [p for p in problems if p.running]
+            for problem in active:
+                problem.stopped_at = time.perf_counter() - start_time
+            if not active:
+                break
+            trials = [p.trial_point() for p in active]
+            for problem, objective, grad, val_loss in zip(
+                active, *self._evaluate(active, trials), strict=True
+            ):
+                accepted = problem.update(objective, grad, self.tol, self.max_iter)
+                if accepted and self.val is not None:
+                    problem.observe_validation(val_loss, self.patience)
+
+        if self.val is not None:
+            for problem in problems:
+                problem.restore_best()
+
+    def _evaluate(
+        self, problems: list[_Problem], thetas: list[np.ndarray]
+    ) -> tuple[list[float], list[np.ndarray], list[float]]:
+        """Return objective, gradient and validation loss at each theta."""
+        k = len(self.present)
+        coef, intercept = _stack(thetas, k)
+        Cs = np.array([p.C for p in problems])
+        objective, grad_coef, grad_intercept = self.train.loss_grad(coef, intercept, Cs)
+        grads = [
+            np.concatenate([gc.ravel(), gi])
+            for gc, gi in zip(grad_coef, grad_intercept, strict=True)
+        ]
+        for problem in problems:
+            problem.n_evals += 1
+
+        val_loss = np.full(len(thetas), math.nan)
+        if self.val is not None:
+            full = [_expand(theta, self.present, self.n_classes) for theta in thetas]
+            val_loss, _ = self.val.loss_error(
+                np.stack([c for c, _ in full]), np.stack([b for _, b in full])
+            )
+            share = self.val.n_samples / self.train.n_samples
+            for problem in problems:
+                problem.val_passes += share
+        return [float(f) for f in objective], grads, [float(v) for v in val_loss]
+
+
+def _check_arguments(
+    Cs: Sequence[float], early_stopping: bool, validation: Validation | None
+) -> None:
+    bad = [C for C in Cs if not (math.isfinite(C) and C > 0)]
+    if bad:
+        raise SolverError(
+            f"every C must be a positive finite number, got {bad}; "
+            "C is the inverse penalty strength"
+        )
+    if early_stopping and validation is None:
+        raise SolverError(
+            "early_stopping=True needs validation rows; pass validation= "
+            "or set early_stopping=False"
+        )
+
+
+def _initial_point(
+    present: np.ndarray,
+    y_local: np.ndarray,
+    n_features: int,
+    n_classes: int,
+    warm_start: tuple[np.ndarray, np.ndarray] | None,
+) -> np.ndarray:
+    """Return the packed starting point for the classes present.
+
+    Cold: zero weights and the intercepts that are optimal for them, the log
+    class frequencies. Warm: the given solution restricted to the classes
+    present; a class that was absent when that solution was fitted carries the
+    stand-in intercept, so it restarts from zero weights and the lowest
+    intercept of the others.
+    """
+    k = len(present)
+    if warm_start is None:
+        counts = np.bincount(y_local, minlength=k)
+        intercept = np.log(counts / counts.sum())
+        return np.concatenate([np.zeros(k * n_features), intercept - intercept.mean()])
+
+    coef_all = np.asarray(warm_start[0], dtype=np.float64)
+    intercept_all = np.asarray(warm_start[1], dtype=np.float64)
+    if coef_all.shape != (n_classes, n_features) or intercept_all.shape != (n_classes,):
+        raise SolverError(
+            f"warm_start has shapes {coef_all.shape} and {intercept_all.shape}, "
+            f"expected ({n_classes}, {n_features}) and ({n_classes},); pass the "
+            "coef and intercept of a probe fitted on the same site"
+        )
+    if not (np.isfinite(coef_all).all() and np.isfinite(intercept_all).all()):
+        raise SolverError(
+            "warm_start contains NaN or infinite values; start cold "
+            "(warm_start=None) instead"
+        )
+    coef = coef_all[present].copy()
+    intercept = intercept_all[present].copy()
+    was_absent = intercept <= ABSENT_INTERCEPT / 2
+    if was_absent.all():
+        intercept[:] = 0.0
+    elif was_absent.any():
+        intercept[was_absent] = intercept[~was_absent].min()
+    coef[was_absent] = 0.0
+    return np.concatenate([coef.ravel(), intercept - intercept.mean()])
+
+
+def _stack(thetas: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Unpack thetas into coef ``(m, k, d)`` and intercept ``(m, k)``."""
+    packed = np.stack(thetas)
+    m = packed.shape[0]
+    d = (packed.shape[1] - k) // k
+    return packed[:, : k * d].reshape(m, k, d), packed[:, k * d :]
+
+
+def _expand(
+    theta: np.ndarray, present: np.ndarray, n_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the full ``(n_classes, d)`` coef and ``(n_classes,)`` intercept.
+
+    The intercepts of the classes present are centred to mean zero; absent
+    classes get zero weights and :data:`ABSENT_INTERCEPT`.
+    """
+    k = len(present)
+    d = (theta.shape[0] - k) // k
+    coef = np.zeros((n_classes, d))
+    intercept = np.full(n_classes, ABSENT_INTERCEPT)
+    coef[present] = theta[: k * d].reshape(k, d)
+    intercept[present] = theta[k * d :] - theta[k * d :].mean()
+    return coef, intercept
+
+
+def _record_validation(fits: list[ProbeFit], val: Evaluator) -> None:
+    """Store each probe's validation loss and error in ``extra``, in one pass."""
+    coef = np.stack([fit.coef for fit in fits])
+    intercept = np.stack([fit.intercept for fit in fits])
+    loss, error = val.loss_error(coef, intercept)
+    for fit, fit_loss, fit_error in zip(fits, loss, error, strict=True):
+        fit.extra["val_loss"] = float(fit_loss)
+        fit.extra["val_error"] = float(fit_error)
+
+
+def _warn_if_not_converged(
+    fit: ProbeFit, problem: _Problem, solver: str, stacklevel: int
+) -> None:
+    """Emit a ConvergenceWarning for a probe stopped before meeting ``tol``."""
+    target = fit.tol * max(abs(fit.objective), OBJECTIVE_FLOOR)
+    if problem.status == "max_iter":
+        message = (
+            f"{solver} reached max_iter={fit.n_iter} for C={fit.C:g} with "
+            f"max|grad f|={fit.grad_norm:.3g} above {target:.3g} "
+            f"(tol={fit.tol:g}); raise max_iter"
+        )
+    elif problem.status == "line_search":
+        message = (
+            f"{solver} line search failed for C={fit.C:g} with "
+            f"max|grad f|={fit.grad_norm:.3g} above {target:.3g} "
+            f"(tol={fit.tol:g}): the objective no longer decreases at the "
+            "precision of the data's dtype; raise tol or pass float64 features"
+        )
+    else:
+        return
+    warnings.warn(message, ConvergenceWarning, stacklevel=stacklevel + 1)
+
+
+register_solver("lbfgs", LbfgsSolver)
+
+
+def _register_gpu_solver() -> None:
+    """Register ``lbfgs-cuda`` when torch sees a CUDA device."""
+    import torch
+
+    if torch.cuda.is_available():
+        register_solver("lbfgs-cuda", lambda: LbfgsSolver(device="cuda"))
+
+
+_register_gpu_solver()
