@@ -1,11 +1,11 @@
 """Fit a linear probe to every (checkpoint, probe site) unit of a folder of shards.
 
-For each unit the activations of one site are read from the checkpoint's shard,
-standardised with the mean and standard deviation of the train split, and a
-multinomial logistic regression is fitted on the train split for every ``C``
-of a grid. The ``C`` with the lowest val error is kept (ties go to the lower
-val loss, then to the smaller ``C``), and its error and log-loss are measured
-on the train, val and test splits.
+For each unit, the activations of one site are read from the checkpoint's
+shard and standardised with the mean and standard deviation of the train split.
+A multinomial logistic regression is then fitted on the train split for every
+``C`` of a grid. The ``C`` with the lowest val error is kept (ties go to the
+lower val loss, then to the smaller ``C``), and its error and log-loss are
+measured on the train, val and test splits.
 
 Units run in parallel with joblib. The units of one site form chains in
 checkpoint order, and each unit of a chain starts from the solution of the one
@@ -70,10 +70,11 @@ from probecvx.solvers._objective import DEFAULT_TOL
 
 logger = logging.getLogger(__name__)
 
-#: The default grid of ``C``: six values, one per decade from 1e-3 to 1e2. The
-#: features are standardised and the penalty is ``||W||^2 / (2 C n)``, so
-#: ``C = 1`` (scikit-learn's default) is moderate whatever the number of rows;
-#: the grid reaches 1000 times stronger and 100 times weaker penalties.
+#: The default grid of ``C``: six values, one per decade from 1e-3 to 1e2.
+#: Because the features are standardised and the penalty is
+#: ``||W||^2 / (2 C n)``, ``C = 1`` (scikit-learn's default) is a moderate
+#: penalty whatever the number of rows. The grid also tries penalties up to
+#: 1000 times stronger and 100 times weaker.
 DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
 
 #: ``C`` used when a checkpoint has no val rows to choose by: the grid value
@@ -178,9 +179,9 @@ class UnitResult:
 class FitSummary:
     """What a :func:`fit_shards` run did.
 
-    ``failed_units`` holds ``(checkpoint, site, error)`` and
-    ``failed_checkpoints`` holds ``(checkpoint, error)`` for shards that could
-    not be read.
+    ``failed_units`` contains ``(checkpoint, site, error)`` for each failed
+    unit, and ``failed_checkpoints`` contains ``(checkpoint, error)`` for each
+    shard that could not be read.
     """
 
     reports_dir: Path
@@ -276,7 +277,7 @@ def fit_shards(
     Raises
     ------
     InvalidInputError
-        When a setting is invalid, ``acts_dir`` holds no shard, or a filter
+        When a setting is invalid, ``acts_dir`` contains no shard, or a filter
         matches nothing.
 
     Warns
@@ -443,6 +444,8 @@ def _make_solver(name: str, device: str) -> Solver:
         valid = ", ".join(available_solvers())
         raise InvalidInputError(f"unknown solver {name!r}; valid solvers: {valid}")
     solver = get_solver(name)
+    # NOTE: only the CPU path is tested. Solvers that run on torch, such as
+    # LbfgsSolver, expose a ``device`` attribute, which is set here.
     if device != "cpu":
         if not hasattr(solver, "device"):
             raise InvalidInputError(
@@ -576,9 +579,9 @@ def _select_checkpoints(
 def _select_sites(
     states: dict[str, _Checkpoint], patterns: Sequence[str] | None
 ) -> set[str]:
-    valid: list[str] = []
-    for state in states.values():
-        valid.extend(site for site in state.info.sites if site not in valid)
+    # Every site of every shard, in order of first appearance.
+    names = dict.fromkeys(site for s in states.values() for site in s.info.sites)
+    valid = list(names)
     if patterns is None:
         return set(valid)
     if not valid:
@@ -664,9 +667,9 @@ def _current_entries(
 ) -> dict[str, dict[str, Any]]:
     """Return the successful entries of ``info``'s sites fitted with these settings.
 
-    A unit file written for the same shard id and settings decides its site;
-    otherwise the existing report's entry counts when the report was written
-    for the same shard id and settings.
+    A unit file written for the same shard id and settings decides its site.
+    For a site without such a file, the existing report's entry is used if
+    that report was written for the same shard id and settings.
     """
     entries: dict[str, dict[str, Any]] = {}
     path = reports.report_path(out_dir, info.checkpoint_name)
@@ -845,12 +848,13 @@ def _log_unit(result: UnitResult) -> None:
             "probe %s at %s failed: %s", result.site, result.checkpoint, entry["error"]
         )
         return
+    test_error = entry["test"]["error"]
     logger.info(
         "fitted probe %s at %s: C=%g, test error %s, %d iterations, %.2f s",
         result.site,
         result.checkpoint,
         entry["C"],
-        entry["test"]["error"],
+        "n/a" if test_error is None else f"{test_error:.4f}",
         entry["solver"]["n_iter"],
         entry["seconds"],
     )
@@ -1028,7 +1032,7 @@ def _check_finite(X: np.ndarray, unit: UnitTask) -> None:
     else:
         cause = "the model produced them at this site at this checkpoint"
     raise SolverError(
-        f"the activations of probe site {unit.site!r} hold {n_bad} NaN or "
+        f"the activations of probe site {unit.site!r} contain {n_bad} NaN or "
         f"infinite values, so no probe can be fitted; {cause}"
     )
 
@@ -1102,8 +1106,8 @@ def _fit_probe(
     validation = Validation(X_val, y_val) if len(y_val) else None
     if warm is not None and warm[0].shape != (unit.n_classes, X_train.shape[1]):
         warm = None
-    # Warnings are recorded in the entry: a worker process has no one to show
-    # them to. The caller counts the probes not converged and warns once.
+    # Warnings go to the entry because a worker process cannot show them. The
+    # caller counts the probes that did not converge and warns once.
     # NOTE: catch_warnings is process-wide, so under joblib's threading backend
     # a warning may land in the entry of another unit running at the same time.
     with warnings.catch_warnings(record=True) as caught:

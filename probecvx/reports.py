@@ -1,6 +1,6 @@
 """Probe reports: the JSON files that ``probecvx fit`` writes, and their readers.
 
-A reports folder holds one report per checkpoint, ``<checkpoint name>.json``,
+A reports folder contains one report per checkpoint, ``<checkpoint name>.json``,
 and an ``index.json`` that lists every checkpoint with its status. Both are
 validated against the JSON schemas shipped in ``probecvx/schemas/`` when they
 are written and when they are read, so a reader never sees a partial or
@@ -96,8 +96,8 @@ def validate_report(doc: Mapping[str, Any], source: Path | str) -> None:
     Raises
     ------
     ReportError
-        When ``doc`` is not a report of :data:`REPORT_SCHEMA_VERSION`, holds a
-        non-finite number, or does not match the schema.
+        When ``doc`` is not a report of :data:`REPORT_SCHEMA_VERSION`, contains
+        a non-finite number, or does not match the schema.
     """
     _validate(doc, REPORT_FORMAT, source)
 
@@ -133,7 +133,7 @@ def read_report(path: Path) -> dict[str, Any]:
     ReportError
         When the file is missing, is not JSON, is not a probecvx report, was
         written by another report schema version, or does not match the
-        schema. The message names the file and says how to rewrite it.
+        schema. The message names the file and how to rewrite it.
     """
     return _read(Path(path), REPORT_FORMAT)
 
@@ -147,7 +147,7 @@ def list_reports(reports_dir: Path) -> list[Path]:
     """List the checkpoint reports in ``reports_dir``, sorted by file name.
 
     ``index.json``, hidden files and temporary files of a killed run are left
-    out. An empty list is returned when the folder holds no report.
+    out. An empty list is returned when the folder contains no report.
 
     Raises
     ------
@@ -196,7 +196,7 @@ def load_table(reports_dir: Path) -> list[dict[str, Any]]:
     paths = list_reports(reports_dir)
     if not paths:
         raise InvalidInputError(
-            f"reports folder {reports_dir} holds no report; run "
+            f"reports folder {reports_dir} contains no report; run "
             f"`probecvx fit ACTS_DIR --out {reports_dir}` first"
         )
     records = []
@@ -458,7 +458,7 @@ def _validate(
     """Raise ReportError naming ``source`` unless ``doc`` is a valid ``kind``.
 
     When ``writing``, a failure is a bug in probecvx rather than a file to
-    rewrite, and the message says so; nothing is written.
+    rewrite, and the message tells the user so. Nothing is written.
     """
     what = "report" if kind == REPORT_FORMAT else "report index"
     fix = "re-run `probecvx fit --force` to rewrite it"
@@ -480,7 +480,7 @@ def _validate(
     location = _non_finite_location(doc, "")
     if location is not None:
         raise ReportError(
-            f"{what} {source} holds a NaN or infinite number at {location!r}, "
+            f"{what} {source} contains a NaN or infinite number at {location!r}, "
             f"but reports store null for values that are not finite; {fix}"
         )
     error = jsonschema.exceptions.best_match(_validator(kind).iter_errors(doc))

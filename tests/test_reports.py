@@ -195,7 +195,7 @@ def test_load_table_errors(tmp_path: Path) -> None:
     with pytest.raises(InvalidInputError, match=r"does not exist"):
         load_table(tmp_path / "missing")
     (tmp_path / "empty").mkdir()
-    with pytest.raises(InvalidInputError, match=r"holds no report.*probecvx fit"):
+    with pytest.raises(InvalidInputError, match=r"contains no report.*probecvx fit"):
         load_table(tmp_path / "empty")
 
 
