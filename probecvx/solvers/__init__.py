@@ -1,6 +1,7 @@
 """Probe solvers. Importing this package registers every built-in solver."""
 
 from probecvx.solvers import (
+    auto,  # noqa: F401  (registers auto)
     lbfgs,  # noqa: F401  (registers lbfgs)
     reference,  # noqa: F401  (registers sklearn-*)
 )
