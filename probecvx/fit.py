@@ -1104,6 +1104,8 @@ def _fit_probe(
             f"the val split has no rows, so C={grid[0]:g} was used without choosing it"
         )
     validation = Validation(X_val, y_val) if len(y_val) else None
+    if settings.early_stopping and validation is None:
+        notes.append("the val split has no rows, so early stopping was off")
     if warm is not None and warm[0].shape != (unit.n_classes, X_train.shape[1]):
         warm = None
     # Warnings go to the entry because a worker process cannot show them. The

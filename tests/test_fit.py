@@ -488,3 +488,23 @@ def test_n_jobs_1_and_2_identical(tmp_path: Path) -> None:
         first = strip_times(json.loads((tmp_path / "one" / name).read_text()))
         second = strip_times(json.loads((tmp_path / "two" / name).read_text()))
         assert first == second
+
+
+def test_early_stopping_passed_through(tmp_path: Path) -> None:
+    labels, split = toy_targets()
+    values = toy_activations(labels, 5, seed=12)
+    write_shard(tmp_path / "acts", "step_0", 0, {"input": values})
+    no_val = np.where(split == 1, 0, split).astype(np.uint8)
+    write_shard(tmp_path / "acts", "step_1", 1, {"input": values}, split=no_val)
+
+    summary = fit(tmp_path / "acts", tmp_path / "out", Cs=[1.0], early_stopping=True)
+    with_val = read_report(tmp_path / "out" / "step_0.json")
+    without_val = read_report(tmp_path / "out" / "step_1.json")
+
+    assert summary.ok
+    assert with_val["fit"]["early_stopping"] is True
+    assert site_entry(with_val, "input")["status"] == "ok"
+    assert site_entry(without_val, "input")["status"] == "ok"
+    assert "early stopping was off" in " ".join(
+        site_entry(without_val, "input")["warnings"]
+    )
