@@ -449,8 +449,10 @@ def _make_solver(name: str, device: str) -> Solver:
     if device != "cpu":
         if not hasattr(solver, "device"):
             raise InvalidInputError(
-                f"solver {name!r} runs on the CPU only, so device {device!r} "
-                "cannot be used; choose --device cpu or a solver that runs on torch"
+                f"solver {name!r} has no device setting, so device {device!r} "
+                "cannot be applied to it; use --solver lbfgs to run on a CUDA "
+                "device (auto also uses one by itself when the data fits in its "
+                "memory)"
             )
         solver.device = device
     return solver

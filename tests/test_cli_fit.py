@@ -135,3 +135,16 @@ def test_fit_unknown_solver_exits_2(tmp_path: Path) -> None:
     )
     assert result.exit_code == 2
     assert "'sgd' is not one of" in result.stderr
+
+
+def test_fit_default_solver_is_auto(tmp_path: Path) -> None:
+    write_series(tmp_path / "acts", steps=(0,))
+    result = CliRunner().invoke(
+        main,
+        ["fit", str(tmp_path / "acts"), "--out", str(tmp_path / "out"), "--jobs", "1"],
+        catch_exceptions=False,
+    )
+    report = read_report(tmp_path / "out" / "step_0.json")
+    assert result.exit_code == 0, result.stderr
+    assert report["fit"]["solver"] == "auto"
+    assert report["fit"]["Cs"] == [0.001, 0.01, 0.1, 1.0, 10.0, 100.0]

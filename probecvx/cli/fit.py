@@ -126,7 +126,9 @@ def _split_names(values: tuple[str, ...]) -> list[str] | None:
     type=click.Choice(["cpu", "cuda"]),
     default="cpu",
     show_default=True,
-    help="Where solvers that run on torch do their matrix products.",
+    help="Device for the matrix products of solvers that run on torch, such as "
+    "lbfgs. The auto solver picks a CUDA device by itself when the data fits in "
+    "its memory.",
 )
 @click.option("--force", is_flag=True, help="Refit probes whose report is current.")
 @click.option("--quiet", is_flag=True, help="Hide the progress bar.")
