@@ -866,10 +866,11 @@ def _warn_not_converged(summary: FitSummary, settings: FitSettings) -> None:
     if not summary.n_not_converged:
         return
     warnings.warn(
-        f"{summary.n_not_converged} of {summary.n_fitted} probes stopped at "
-        f"max_iter={settings.max_iter} before meeting tol={settings.tol:g}; "
-        "their reports mark them converged: false; raise max_iter or tol and "
-        "re-run to refit them",
+        f"{summary.n_not_converged} of {summary.n_fitted} probes did not converge: "
+        f"they stopped before meeting tol={settings.tol:g}, at "
+        f"max_iter={settings.max_iter} or when the solver could not make "
+        "progress. Their reports mark them converged: false. Raise max_iter or "
+        "tol and re-run to refit them",
         ConvergenceWarning,
         stacklevel=3,
     )
@@ -1213,14 +1214,15 @@ def _grid_notes(
     chosen = fits[best]
     if not chosen.converged:
         notes.append(
-            f"the probe for the chosen C={chosen.C:g} stopped at "
-            f"max_iter={settings.max_iter} before meeting tol={settings.tol:g}"
+            f"the probe for the chosen C={chosen.C:g} did not converge: it "
+            f"stopped before meeting tol={settings.tol:g} (max_iter="
+            f"{settings.max_iter})"
         )
     others = sum(1 for i, fit in enumerate(fits) if i != best and not fit.converged)
     if others:
         notes.append(
-            f"{others} of the other {len(fits) - 1} fits over the C grid stopped "
-            f"at max_iter={settings.max_iter}"
+            f"{others} of the other {len(fits) - 1} fits over the C grid did not "
+            "converge"
         )
     if selection == "val_error" and best in (0, len(fits) - 1):
         edge = "smallest" if best == 0 else "largest"

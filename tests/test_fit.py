@@ -466,7 +466,9 @@ def test_invalid_settings(tmp_path: Path, kwargs: dict[str, Any], match: str) ->
 def test_not_converged_is_marked_and_warned(tmp_path: Path) -> None:
     write_series(tmp_path / "acts", steps=(0,))
 
-    with pytest.warns(ConvergenceWarning, match=r"2 of 2 probes stopped at max_iter=1"):
+    with pytest.warns(
+        ConvergenceWarning, match=r"2 of 2 probes did not converge.*max_iter=1"
+    ):
         summary = fit(tmp_path / "acts", tmp_path / "out", Cs=[1.0, 10.0], max_iter=1)
     entry = site_entry(read_report(tmp_path / "out" / "step_0.json"), "fc")
 
