@@ -139,6 +139,7 @@ def extract_checkpoints(
     trust: bool = False,
     force: bool = False,
     progress: bool = True,
+    on_shard: Callable[[ShardRecord], object] | None = None,
 ) -> ExtractSummary:
     """Write one shard of activations per checkpoint in ``checkpoint_dir``.
 
@@ -174,6 +175,9 @@ def extract_checkpoints(
         Rewrite shards that are already current.
     progress : bool, default=True
         Show a progress bar over batches on stderr.
+    on_shard : callable, optional
+        Called with each :class:`ShardRecord` as soon as its shard is written
+        or skipped.
 
     Returns
     -------
@@ -228,6 +232,8 @@ def extract_checkpoints(
             if record.status == "skipped":
                 bar.update(n_batches)
             summary.records.append(record)
+            if on_shard is not None:
+                on_shard(record)
     summary.seconds = time.perf_counter() - started
     logger.info(
         "extraction done in %.1f s: %d shards written, %d skipped as current",

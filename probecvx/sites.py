@@ -311,7 +311,7 @@ def run_forward(model: nn.Module, batch: torch.Tensor) -> Any:
         raise ExtractionError(
             f"forward pass failed on inputs of shape {tuple(batch.shape)} in "
             f"module {failing}: {type(err).__name__}: {_first_line(err)}; "
-            "check that --data fits --model (sample shape, channels, dtype)"
+            "check that the data fits the model (sample shape, channels, dtype)"
         ) from err
     finally:
         for handle in handles:

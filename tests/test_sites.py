@@ -302,7 +302,7 @@ def test_wrong_input_shape_names_layer(seed: int) -> None:
     message = str(excinfo.value)
     assert "inputs of shape (2, 3, 8, 8)" in message
     assert "module 'features.0' (Conv2d)" in message
-    assert "check that --data fits --model" in message
+    assert "check that the data fits the model" in message
 
 
 def test_wrong_image_size_names_linear(seed: int) -> None:

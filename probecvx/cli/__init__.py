@@ -49,5 +49,7 @@ def main(verbose: int) -> None:
 
 # Command registrations, one line per command module.
 from probecvx.cli import (  # noqa: E402
+    extract,  # noqa: F401  (registers `probecvx extract`)
     fit,  # noqa: F401  (registers `probecvx fit`)
+    layers,  # noqa: F401  (registers `probecvx layers`)
 )

@@ -1,0 +1,179 @@
+"""``probecvx extract``: write one shard of activations per checkpoint."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from probecvx.checkpoints import resolve_model_factory
+from probecvx.cli import main
+from probecvx.datasets import load_dataset, parse_split
+from probecvx.extract import ShardRecord, extract_checkpoints
+from probecvx.shards import STORAGE_DTYPES
+from probecvx.sites import POOLINGS
+
+
+def split_site_requests(values: tuple[str, ...]) -> list[str] | None:
+    """Return the entries of a repeatable, comma-separated --sites; None if absent."""
+    names = [name.strip() for value in values for name in value.split(",")]
+    names = [name for name in names if name]
+    return names or None
+
+
+@main.command("extract")
+@click.argument("checkpoint_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--data",
+    required=True,
+    help="Dataset: toy, digits, a .npz or .h5 file, a folder of MNIST IDX "
+    "files, or PKG.MODULE:CALLABLE.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    required=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Folder for the shards, one <checkpoint name>.h5 each; created if missing.",
+)
+@click.option(
+    "--model",
+    "model_spec",
+    help="Model constructor, PKG.MODULE:CALLABLE or FILE.py:CALLABLE. Needed for "
+    "checkpoints that hold only weights.",
+)
+@click.option("--model-kwargs", help="JSON object of keyword arguments for --model.")
+@click.option(
+    "--glob", "pattern", help="Glob, relative to CHECKPOINT_DIR, of the checkpoints."
+)
+@click.option(
+    "--sites",
+    multiple=True,
+    help="Probe sites: names, globs (features.*) and type filters (type:ReLU), "
+    "comma-separated or repeated. Default: the input and every leaf module.",
+)
+@click.option(
+    "--pool",
+    "pooling",
+    type=click.Choice(POOLINGS),
+    default="none",
+    show_default=True,
+    help="Average or max over the spatial dimensions of sites with 3 or more "
+    "dimensions per sample, such as (C, H, W).",
+)
+@click.option(
+    "--dtype",
+    type=click.Choice(STORAGE_DTYPES),
+    default="float32",
+    show_default=True,
+    help="Storage dtype; float16 clips values beyond ±65504 and counts them.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(min=1),
+    default=256,
+    show_default=True,
+    help="Samples per forward pass.",
+)
+@click.option(
+    "--device",
+    default="auto",
+    show_default=True,
+    help="auto, cpu, cuda, cuda:N or mps; auto picks CUDA, then MPS, then the CPU.",
+)
+@click.option(
+    "--split",
+    "split_text",
+    default="0.6,0.2,0.2",
+    show_default=True,
+    help="Train,val,test fractions for data without its own split.",
+)
+@click.option(
+    "--seed",
+    type=click.IntRange(min=0),
+    default=0,
+    show_default=True,
+    help="Seed of the split.",
+)
+@click.option("--x-key", help="Name of the input array in a .npz/.h5 file.")
+@click.option("--y-key", help="Name of the label array in a .npz/.h5 file.")
+@click.option("--split-key", help="Name of the split array in a .npz/.h5 file.")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    help="Use at most this many samples, stratified by split and class.",
+)
+@click.option(
+    "--trust-checkpoints",
+    "trust",
+    is_flag=True,
+    help="Allow checkpoints that pickle whole modules. Unpickling runs code from "
+    "the file: use only for files from a trusted source.",
+)
+@click.option("--force", is_flag=True, help="Rewrite shards that are current.")
+@click.option("--quiet", is_flag=True, help="Hide the progress bar.")
+def extract_command(
+    checkpoint_dir: Path,
+    data: str,
+    out_dir: Path,
+    model_spec: str | None,
+    model_kwargs: str | None,
+    pattern: str | None,
+    sites: tuple[str, ...],
+    pooling: str,
+    dtype: str,
+    batch_size: int,
+    device: str,
+    split_text: str,
+    seed: int,
+    x_key: str | None,
+    y_key: str | None,
+    split_key: str | None,
+    limit: int | None,
+    trust: bool,
+    force: bool,
+    quiet: bool,
+) -> None:
+    """Write the activations of every checkpoint in CHECKPOINT_DIR to shards.
+
+    Runs the --data samples through each checkpoint, in training-step order,
+    and writes one HDF5 shard per checkpoint to --out. Prints one line per
+    shard, its path and `written` or `skipped`, separated by a tab. A shard
+    whose checkpoint, data and settings are unchanged is skipped, so a killed
+    run can simply be run again. Progress goes to stderr.
+    """
+    if model_kwargs is not None and model_spec is None:
+        raise click.UsageError("--model-kwargs needs --model")
+    factory = None
+    if model_spec is not None:
+        factory = resolve_model_factory(model_spec, model_kwargs)
+    dataset = load_dataset(
+        data,
+        split=parse_split(split_text),
+        seed=seed,
+        x_key=x_key,
+        y_key=y_key,
+        split_key=split_key,
+        limit=limit,
+    )
+
+    extract_checkpoints(
+        checkpoint_dir,
+        dataset,
+        out_dir,
+        model_factory=factory,
+        pattern=pattern,
+        sites=split_site_requests(sites),
+        pooling=pooling,
+        dtype=dtype,
+        batch_size=batch_size,
+        device=device,
+        trust=trust,
+        force=force,
+        progress=not quiet,
+        on_shard=_echo_record,
+    )
+
+
+def _echo_record(record: ShardRecord) -> None:
+    click.echo(f"{record.path}\t{record.status}")
