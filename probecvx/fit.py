@@ -480,9 +480,9 @@ def _read_shards(
     for each shard that cannot be read, named after its file.
     """
     if not acts_dir.is_dir():
-        what = "is not a folder" if acts_dir.exists() else "does not exist"
+        problem = "is not a folder" if acts_dir.exists() else "does not exist"
         raise InvalidInputError(
-            f"activations folder {acts_dir} {what}; pass the --out folder of "
+            f"activations folder {acts_dir} {problem}; pass the --out folder of "
             "`probecvx extract`"
         )
     paths = sorted(
@@ -547,7 +547,7 @@ def _step_key(step: int | None, name: str) -> tuple[bool, int, str]:
     return (step is None, step or 0, name)
 
 
-def _match(patterns: Sequence[str], valid: Sequence[str], what: str) -> set[str]:
+def _match(patterns: Sequence[str], valid: Sequence[str], noun: str) -> set[str]:
     """Return the names in ``valid`` that match any of ``patterns``.
 
     Raises InvalidInputError for a pattern that matches nothing, listing the
@@ -557,9 +557,9 @@ def _match(patterns: Sequence[str], valid: Sequence[str], what: str) -> set[str]
     for pattern in patterns:
         matched = fnmatch.filter(valid, pattern)
         if not matched:
-            shown = ", ".join(valid[:30]) + (", …" if len(valid) > 30 else "")
+            listing = ", ".join(valid[:30]) + (", …" if len(valid) > 30 else "")
             raise InvalidInputError(
-                f"unknown {what} {pattern!r}; valid {what}s: {shown}"
+                f"unknown {noun} {pattern!r}; valid {noun}s: {listing}"
             )
         selected.update(matched)
     return selected
@@ -574,8 +574,8 @@ def _select_checkpoints(
         return states, failed
     valid = list(states) + [name for name, _, _ in failed]
     selected = _match(patterns, valid, "checkpoint")
-    kept = {name: state for name, state in states.items() if name in selected}
-    return kept, [item for item in failed if item[0] in selected]
+    selected_states = {n: state for n, state in states.items() if n in selected}
+    return selected_states, [item for item in failed if item[0] in selected]
 
 
 def _select_sites(
@@ -1187,12 +1187,14 @@ def _rank(scores: tuple[float | None, float | None]) -> tuple[float, float]:
     )
 
 
-def _finite_or_none(value: float | None, what: str, notes: list[str]) -> float | None:
-    """Return ``value`` if finite; else None, with a note naming ``what``."""
+def _finite_or_none(
+    value: float | None, quantity: str, notes: list[str]
+) -> float | None:
+    """Return ``value`` if finite; else None, with a note naming ``quantity``."""
     if value is None or math.isfinite(value):
         return value
-    if what:
-        notes.append(f"the {what} is {value}, stored as null")
+    if quantity:
+        notes.append(f"the {quantity} is {value}, stored as null")
     return None
 
 

@@ -156,9 +156,10 @@ def list_reports(reports_dir: Path) -> list[Path]:
     """
     folder = Path(reports_dir)
     if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
+        problem = "is not a folder" if folder.exists() else "does not exist"
         raise InvalidInputError(
-            f"reports folder {folder} {what}; pass the --out folder of `probecvx fit`"
+            f"reports folder {folder} {problem}; pass the --out folder of "
+            "`probecvx fit`"
         )
     return sorted(
         path
@@ -460,34 +461,34 @@ def _validate(
     When ``writing``, a failure is a bug in probecvx rather than a file to
     rewrite, and the message tells the user so. Nothing is written.
     """
-    what = "report" if kind == REPORT_FORMAT else "report index"
+    label = "report" if kind == REPORT_FORMAT else "report index"
     fix = "re-run `probecvx fit --force` to rewrite it"
     if writing:
         fix = "nothing was written; this is a bug in probecvx, please report it"
     if not isinstance(doc, Mapping) or doc.get("format") != kind:
         found = doc.get("format") if isinstance(doc, Mapping) else type(doc).__name__
         raise ReportError(
-            f"{source} is not a probecvx {what} (format is {found!r}, expected "
+            f"{source} is not a probecvx {label} (format is {found!r}, expected "
             f"{kind!r}); pass the --out folder of `probecvx fit`"
         )
     version = doc.get("schema_version")
     if version != REPORT_SCHEMA_VERSION:
         raise ReportError(
-            f"{what} {source} has schema_version {version!r}, but this probecvx "
+            f"{label} {source} has schema_version {version!r}, but this probecvx "
             f"reads version {REPORT_SCHEMA_VERSION}; {fix}"
         )
 
     location = _non_finite_location(doc, "")
     if location is not None:
         raise ReportError(
-            f"{what} {source} contains a NaN or infinite number at {location!r}, "
+            f"{label} {source} contains a NaN or infinite number at {location!r}, "
             f"but reports store null for values that are not finite; {fix}"
         )
     error = jsonschema.exceptions.best_match(_validator(kind).iter_errors(doc))
     if error is not None:
         field = "/".join(str(part) for part in error.absolute_path) or "(top level)"
         raise ReportError(
-            f"{what} {source} does not match the schema at {field!r}: "
+            f"{label} {source} does not match the schema at {field!r}: "
             f"{error.message}; {fix}"
         )
 
@@ -520,20 +521,20 @@ def _reject_constant(name: str) -> float:
 
 
 def _read(path: Path, kind: str) -> dict[str, Any]:
-    what = "report" if kind == REPORT_FORMAT else "report index"
+    label = "report" if kind == REPORT_FORMAT else "report index"
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise ReportError(
-            f"{what} {path} not found; run `probecvx fit` to write it"
+            f"{label} {path} not found; run `probecvx fit` to write it"
         ) from None
     except (OSError, UnicodeDecodeError) as err:
-        raise ReportError(f"cannot read {what} {path}: {err}") from err
+        raise ReportError(f"cannot read {label} {path}: {err}") from err
     try:
         doc = json.loads(text, parse_constant=_reject_constant)
     except ValueError as err:
         raise ReportError(
-            f"{what} {path} is not valid JSON ({err}); delete it and re-run "
+            f"{label} {path} is not valid JSON ({err}); delete it and re-run "
             "`probecvx fit`"
         ) from err
     _validate(doc, kind, path)
