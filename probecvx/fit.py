@@ -11,8 +11,8 @@ Units run in parallel with joblib. The units of one site form chains in
 checkpoint order, and each unit of a chain starts from the solution of the one
 before it (a warm start): consecutive checkpoints of one training run usually
 have nearby optima. Every finished unit is written at once, atomically, under
-``<out_dir>/.units/``; a checkpoint's report, ``<checkpoint name>.json``, and
-``index.json`` are rewritten whenever all of that checkpoint's units are done.
+``<out_dir>/.units/``. When all the units of a checkpoint are done, its report
+``<checkpoint name>.json`` and ``index.json`` are rewritten.
 A re-run skips units whose result is current (same shard id and fit settings),
 so a killed run loses only the units that were in flight.
 """
@@ -177,7 +177,7 @@ class UnitResult:
 
 @dataclass
 class FitSummary:
-    """What a :func:`fit_shards` run did.
+    """The outcome of a :func:`fit_shards` run.
 
     ``failed_units`` contains ``(checkpoint, site, error)`` for each failed
     unit, and ``failed_checkpoints`` contains ``(checkpoint, error)`` for each
@@ -288,8 +288,9 @@ def fit_shards(
     Notes
     -----
     A unit that fails (non-finite activations, a single class in the train
-    split, an unreadable site) is recorded with its error and the others go
-    on; so is a shard that cannot be read, in ``index.json``.
+    split, an unreadable site) is recorded with its error, and the other units
+    are still fitted. A shard that cannot be read is recorded in
+    ``index.json`` in the same way.
     """
     settings, solver_instance = _check_settings(
         solver, Cs, tol, max_iter, early_stopping, warm_start, device
@@ -520,7 +521,7 @@ def _read_shards(
         _check_checkpoint_name(name, state.info.path)
         if name in states:
             raise InvalidInputError(
-                f"shards {states[name].info.path} and {state.info.path} both hold "
+                f"shards {states[name].info.path} and {state.info.path} both contain "
                 f"checkpoint {name!r}; keep one of them in {acts_dir}"
             )
         states[name] = state
