@@ -141,13 +141,21 @@ def strip_times(value: Any) -> Any:
     return value
 
 
-def test_objective_matches_sklearn(tmp_path: Path) -> None:
+@pytest.mark.parametrize("solver", ["lbfgs", "auto", "sklearn-lbfgs"])
+def test_objective_matches_sklearn(tmp_path: Path, solver: str) -> None:
     labels, split = toy_targets()
     values = toy_activations(labels, 6, seed=3)
     shard = write_shard(tmp_path / "acts", "step_0", 0, {"input": values})
     C = 0.5
 
-    fit(tmp_path / "acts", tmp_path / "out", Cs=[C], tol=1e-7, max_iter=5000)
+    fit(
+        tmp_path / "acts",
+        tmp_path / "out",
+        solver=solver,
+        Cs=[C],
+        tol=1e-7,
+        max_iter=5000,
+    )
     entry = site_entry(read_report(tmp_path / "out" / "step_0.json"), "input")
 
     X = read_site(shard, "input").astype(np.float64)
