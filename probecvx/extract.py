@@ -10,8 +10,9 @@ A shard is skipped when a shard of the same ``shard_id`` already exists. The
 id hashes the checkpoint bytes, the dataset fingerprint and the extraction
 settings (the ``sites`` request, pooling, storage dtype and shard schema
 version), so deciding to skip reads the checkpoint's bytes but does not load
-the model. Batch size and device are not part of the id: they do not change
-the stored values on deterministic hardware.
+the model. Batch size and device are not part of the id because they change
+stored values by float32 rounding at most: a BLAS library may pick another
+summation order for another batch size or device.
 """
 
 from __future__ import annotations
@@ -68,10 +69,10 @@ DRY_BATCH_ROWS = 4
 
 @dataclass(frozen=True)
 class ShardRecord:
-    """What happened to the shard of one checkpoint.
+    """Outcome for the shard of one checkpoint.
 
-    ``status`` is ``written`` or ``skipped`` (a current shard already
-    existed); ``seconds`` is the wall time spent on it, hashing included.
+    ``status`` is ``written``, or ``skipped`` when a current shard already
+    existed. ``seconds`` is the wall time spent on it, hashing included.
     """
 
     checkpoint: str
@@ -166,7 +167,8 @@ def extract_checkpoints(
         Storage dtype. float16 halves the size; values beyond ±65504 are
         clipped, counted in the site's ``overflow_count`` and warned about.
     batch_size : int, default=256
-        Samples per forward pass; does not change the stored values.
+        Samples per forward pass. It changes stored values by float32 rounding
+        at most, and not at all where the kernels sum in the same order.
     device : {"auto", "cpu", "cuda", "mps"} or "cuda:N", default="auto"
         ``auto`` picks CUDA if available, else MPS, else the CPU.
     trust : bool, default=False
@@ -199,6 +201,8 @@ def extract_checkpoints(
     refs = discover_checkpoints(Path(checkpoint_dir), pattern)
     out_dir = prepare_out_dir(Path(out_dir))
 
+    # NOTE: this also deletes the temporary file of another extract writing to
+    # the same folder right now, which then fails; run one extract per folder.
     removed = remove_stale_temp_files(out_dir)
     if removed:
         logger.info(

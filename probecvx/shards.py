@@ -1,13 +1,13 @@
 """The HDF5 shard layout: one file of activations per checkpoint.
 
-A shard holds, for one checkpoint, the activations of every selected probe site
+A shard contains, for one checkpoint, the activations of every selected probe site
 over every sample of one dataset, with the labels, the train/val/test split,
 the sample ids and the hashes that decide whether it is stale. The layout is
 described in ``docs/internals.md`` (for contributors) and ``docs/shards.md``
 (for users).
 
 :class:`ShardWriter` writes a shard under a temporary name and moves it to its
-final name only when every site is complete, so a final name never holds a
+final name only when every site is complete, so a final name never contains a
 partial shard. Finished shards are never modified: readers open them read-only,
 without HDF5 file locking where the installed HDF5 allows it, and close them
 before returning.
@@ -232,7 +232,7 @@ class ShardWriter:
         """Create the ``/sites/<name>`` dataset of shape (n_samples, n_features).
 
         Sites are listed in ``sites_json`` in the order they are created, which
-        should be the forward order. Rows are chunked so that one chunk holds
+        should be the forward order. Rows are chunked so that one chunk contains
         about 1 MiB.
         """
         if self._file is None:
@@ -477,7 +477,7 @@ def list_shards(folder: Path) -> list[Path]:
     Shards whose step is unknown come after those with a step. Names are
     compared in natural order (``a2`` before ``a10``). Temporary
     files left by a killed run are ignored. An empty list is returned when
-    the folder holds no shard.
+    the folder contains no shard.
 
     Raises
     ------
@@ -488,9 +488,9 @@ def list_shards(folder: Path) -> list[Path]:
     """
     folder = Path(folder)
     if not folder.is_dir():
-        what = "is not a folder" if folder.exists() else "does not exist"
+        problem = "is not a folder" if folder.exists() else "does not exist"
         raise InvalidInputError(
-            f"activations folder {folder} {what}; pass the --out folder "
+            f"activations folder {folder} {problem}; pass the --out folder "
             "of `probecvx extract`"
         )
     paths = [
@@ -570,9 +570,9 @@ def _parse_sites(path: Path, attrs: Mapping[str, Any]) -> list[str]:
 def _site_dataset(file: h5py.File, path: Path, site: str) -> h5py.Dataset:
     sites = _parse_sites(path, file.attrs)
     if site not in sites:
-        shown = ", ".join(sites[:20]) + (", …" if len(sites) > 20 else "")
+        listed = ", ".join(sites[:20]) + (", …" if len(sites) > 20 else "")
         raise SiteError(
-            f"probe site {site!r} is not in shard {path}; its sites are: {shown}"
+            f"probe site {site!r} is not in shard {path}; its sites are: {listed}"
         )
     key = f"{SITES_GROUP}/{site}"
     if key not in file:
@@ -586,9 +586,9 @@ def _site_dataset(file: h5py.File, path: Path, site: str) -> h5py.Dataset:
     return dataset
 
 
-def _missing(path: Path, what: str) -> ShardError:
+def _missing(path: Path, missing_part: str) -> ShardError:
     return ShardError(
-        f"shard {path} has no {what}; it was not written by a complete "
+        f"shard {path} has no {missing_part}; it was not written by a complete "
         "`probecvx extract` run, so delete it and re-run `probecvx extract`"
     )
 
@@ -623,7 +623,7 @@ def _read_selected_rows(
         return out
     order = np.argsort(rows, kind="stable")
     sorted_rows = rows[order]
-    # Read each block that holds a requested row once, then pick the rows.
+    # Read each block that contains a requested row once, then pick the rows.
     first = int(sorted_rows[0]) // block * block
     for start in range(first, int(sorted_rows[-1]) + 1, block):
         lo = np.searchsorted(sorted_rows, start, side="left")

@@ -104,8 +104,8 @@ def layers_command(
         batch = torch.randn((DRY_BATCH_ROWS, *shape), generator=generator)
 
     infos = list_sites(model, batch, pooling=pooling)
-    shown = infos if show_all else select_sites(infos, None)
-    for line in format_table(shown):
+    listed = infos if show_all else select_sites(infos, None)
+    for line in format_table(listed):
         click.echo(line)
 
 
