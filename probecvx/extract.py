@@ -380,30 +380,14 @@ def _extract_or_skip(
                 ref.name, ref.step, final, "skipped", shard_id, current_sites, seconds
             )
 
-    attrs: dict[str, str | int] = {
-        "checkpoint_name": ref.name,
-        "checkpoint_path": str(ref.path),
-        "checkpoint_kind": ref.kind,
-        "step": -1 if ref.step is None else int(ref.step),
-        "checkpoint_sha256": checkpoint_hash,
-        "dataset_name": dataset.name,
-        "dataset_fingerprint": dataset.fingerprint,
-        "settings_json": settings.to_json(),
-        "settings_hash": settings.hash(),
-        "shard_id": shard_id,
-        "storage_dtype": settings.dtype,
-        "pooling": settings.pooling,
-        "torch_version": torch.__version__,
-    }
+    attrs = _shard_attrs(ref, checkpoint_hash, dataset, settings, shard_id)
     model = load_model(ref, model_factory, trust=trust, map_location=str(device))
     model.to(device)
     try:
         n_sites, overflow = _write_shard(
-            model, ref, dataset, final, attrs, settings, batch_size, device, on_batch
+            model, dataset, final, attrs, settings, batch_size, device, on_batch
         )
     except ExtractionError as err:
-        if str(err).startswith(f"checkpoint {ref.name}"):
-            raise
         raise ExtractionError(f"checkpoint {ref.name} ({ref.path}): {err}") from err
 
     if overflow:
@@ -426,6 +410,31 @@ def _extract_or_skip(
     return ShardRecord(ref.name, ref.step, final, "written", shard_id, n_sites, seconds)
 
 
+def _shard_attrs(
+    ref: CheckpointRef,
+    checkpoint_hash: str,
+    dataset: ProbeDataset,
+    settings: _Settings,
+    shard_id: str,
+) -> dict[str, str | int]:
+    """Return the root attributes of a shard, see ``docs/shards.md``."""
+    return {
+        "checkpoint_name": ref.name,
+        "checkpoint_path": str(ref.path),
+        "checkpoint_kind": ref.kind,
+        "step": -1 if ref.step is None else int(ref.step),
+        "checkpoint_sha256": checkpoint_hash,
+        "dataset_name": dataset.name,
+        "dataset_fingerprint": dataset.fingerprint,
+        "settings_json": settings.to_json(),
+        "settings_hash": settings.hash(),
+        "shard_id": shard_id,
+        "storage_dtype": settings.dtype,
+        "pooling": settings.pooling,
+        "torch_version": torch.__version__,
+    }
+
+
 def _current_shard_sites(final: Path, shard_id: str) -> int | None:
     """Return the site count of the shard at ``final`` if its id is ``shard_id``."""
     if not final.exists():
@@ -443,7 +452,6 @@ def _current_shard_sites(final: Path, shard_id: str) -> int | None:
 
 def _write_shard(
     model: nn.Module,
-    ref: CheckpointRef,
     dataset: ProbeDataset,
     final: Path,
     attrs: dict[str, str | int],
