@@ -39,7 +39,9 @@ DEFAULT_TOL = 1e-5
 OBJECTIVE_FLOOR = 1e-3
 
 #: The stopping rule of every probecvx solver, as recorded in ``ProbeFit``.
-STOP_RULE = f"max|grad f| <= tol * max(|f|, {OBJECTIVE_FLOOR:g})"
+#: ``rms(x_j)`` is the root mean square of the feature that a weight multiplies
+#: (1 for intercepts); see :func:`scaled_gradient_max`.
+STOP_RULE = f"max|grad f| / max(rms(x_j), 1) <= tol * max(|f|, {OBJECTIVE_FLOOR:g})"
 
 #: The intercept given to a class absent from the training labels. The infimum
 #: of the objective is approached as that intercept goes to minus infinity, so
@@ -62,7 +64,7 @@ def gradient_converged(grad_max: float, objective: float, tol: float) -> bool:
     Parameters
     ----------
     grad_max : float
-        ``max |df/dθ|`` over all weights and intercepts of one probe.
+        The gradient size from :func:`scaled_gradient_max`.
     objective : float
         The objective ``f`` at the same point.
     tol : float
@@ -77,6 +79,42 @@ def gradient_converged(grad_max: float, objective: float, tol: float) -> bool:
     float32 GEMMs, about 1e-9 on the gradient, when ``f`` is tiny.
     """
     return grad_max <= tol * max(abs(objective), OBJECTIVE_FLOOR)
+
+
+def feature_scale(mean_squares: np.ndarray) -> np.ndarray:
+    """Return ``max(rms(x_j), 1)`` per feature, the divisor in :data:`STOP_RULE`.
+
+    Parameters
+    ----------
+    mean_squares : ndarray of shape (n_features,)
+        ``mean_i x_ij^2``, as returned by ``Evaluator.column_mean_squares``.
+
+    Returns
+    -------
+    ndarray of shape (n_features,)
+    """
+    return np.maximum(np.sqrt(mean_squares), 1.0)
+
+
+def scaled_gradient_max(
+    grad_coef: np.ndarray, grad_intercept: np.ndarray, scale: np.ndarray
+) -> float:
+    """Return ``max |df/dθ|`` with each weight's entry divided by its feature scale.
+
+    The gradient of a weight grows with the scale of its feature, and so does
+    its float32 rounding error, so a column of scale 1e4 could never meet an
+    unscaled rule. Dividing by ``max(rms(x_j), 1)`` makes the rule invariant
+    to scaling a feature up, and leaves it unchanged on standardised features.
+
+    Parameters
+    ----------
+    grad_coef : ndarray of shape (n_classes, n_features)
+    grad_intercept : ndarray of shape (n_classes,)
+    scale : ndarray of shape (n_features,)
+        From :func:`feature_scale`.
+    """
+    weights = float(np.max(np.abs(grad_coef) / scale, initial=0.0))
+    return max(weights, float(np.max(np.abs(grad_intercept), initial=0.0)))
 
 
 def present_classes(y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarray]:
@@ -140,6 +178,10 @@ class Evaluator(Protocol):
         """
         ...
 
+    def column_mean_squares(self) -> np.ndarray:
+        """Return ``mean_i x_ij^2`` for each feature ``j``, shape (n_features,)."""
+        ...
+
     def loss_error(
         self, coef: np.ndarray, intercept: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -196,6 +238,13 @@ class NumpyEvaluator:
             stop = min(start + self.block_rows, self.n_samples)
             rows = self.X[start:stop].astype(self.dtype, copy=False)
             yield rows, self.y[start:stop]
+
+    def column_mean_squares(self) -> np.ndarray:
+        """Return ``mean_i x_ij^2`` for each feature ``j``, shape (n_features,)."""
+        total = np.zeros(self.n_features)
+        for rows, _ in self._blocks():
+            total += np.square(rows, dtype=np.float64).sum(axis=0)
+        return total / self.n_samples
 
     def _stacked_weights(self, coef: np.ndarray) -> np.ndarray:
         """Return ``coef`` as one ``(n_features, m * K)`` matrix in the GEMM dtype."""
@@ -315,6 +364,14 @@ class TorchEvaluator:
             stop = min(start + self.block_rows, self.n_samples)
             rows = self.X[start:stop].to(self.dtype)
             yield rows, self.y[start:stop]
+
+    def column_mean_squares(self) -> np.ndarray:
+        """Return ``mean_i x_ij^2`` for each feature ``j``, shape (n_features,)."""
+        torch = self.torch
+        total = torch.zeros(self.n_features, dtype=torch.float64, device=self.device)
+        for rows, _ in self._blocks():
+            total += rows.to(torch.float64).square().sum(dim=0)
+        return total.cpu().numpy() / self.n_samples
 
     def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return self.torch.from_numpy(np.ascontiguousarray(array)).to(

@@ -41,6 +41,7 @@ from probecvx.solvers._objective import (
     Evaluator,
     NumpyEvaluator,
     TorchEvaluator,
+    feature_scale,
     gradient_converged,
     present_classes,
 )
@@ -54,6 +55,11 @@ _ARMIJO = 1e-4
 _MAX_BACKTRACKS = 30
 # A curvature pair is stored only when s.y > _CURVATURE_EPS * |s| |y|.
 _CURVATURE_EPS = 1e-10
+# A probe has stalled when for _STALL_ITERS iterations neither has f fallen
+# by _STALL_RTOL relative nor has the gradient halved: rounding then decides
+# the steps, which happens when tol asks for more than float32 GEMMs resolve.
+_STALL_ITERS = 50
+_STALL_RTOL = 1e-13
 
 
 @dataclass
@@ -61,10 +67,16 @@ class _Problem:
     """One probe's L-BFGS state: the iterate, its history and its line search.
 
     ``theta`` packs the weights then the intercepts: ``K * d + K`` values.
+    ``scaling`` is the diagonal of the initial inverse Hessian model, up to
+    the scalar that L-BFGS fits from its latest curvature pair.
+    ``grad_divisor`` holds the feature scale of each entry of ``theta`` for
+    the stopping rule (see ``scaled_gradient_max``).
     """
 
     C: float
     theta: np.ndarray
+    scaling: np.ndarray
+    grad_divisor: np.ndarray
     history: int
     objective: float = math.inf
     grad: np.ndarray = field(default_factory=lambda: np.zeros(0))
@@ -79,6 +91,11 @@ class _Problem:
     step: float = 0.0
     slope: float = 0.0
     backtracks: int = 0
+    # Stall detection: the lowest objective and the gradient size at the
+    # iteration of the latest progress.
+    lowest_objective: float = math.inf
+    progress_grad_max: float = math.inf
+    progress_iter: int = 0
     pairs: deque[tuple[np.ndarray, np.ndarray, float]] = field(default_factory=deque)
     # Early stopping on the validation loss.
     best_val_loss: float = math.inf
@@ -134,14 +151,27 @@ class _Problem:
             self.status = "converged"
         elif self.n_iter >= max_iter:
             self.status = "max_iter"
+        elif self._stalled():
+            self.status = "stalled"
         else:
             self._new_direction()
         return True
 
+    def _stalled(self) -> bool:
+        lowest = self.lowest_objective
+        fell = not math.isfinite(lowest) or (
+            self.objective < lowest - _STALL_RTOL * abs(lowest)
+        )
+        if fell or self.grad_max < 0.5 * self.progress_grad_max:
+            self.lowest_objective = min(self.objective, lowest)
+            self.progress_grad_max = self.grad_max
+            self.progress_iter = self.n_iter
+        return self.n_iter - self.progress_iter >= _STALL_ITERS
+
     def _set_point(self, objective: float, grad: np.ndarray) -> None:
         self.objective = objective
         self.grad = grad
-        self.grad_max = float(np.max(np.abs(grad)))
+        self.grad_max = float(np.max(np.abs(grad) / self.grad_divisor))
 
     def _new_direction(self) -> None:
         """Set the L-BFGS direction (two-loop recursion) and the first step."""
@@ -151,9 +181,10 @@ class _Problem:
             alpha = rho * float(s @ q)
             q -= alpha * y
             alphas.append(alpha)
+        q *= self.scaling
         if self.pairs:
             s, y, _ = self.pairs[-1]
-            q *= float(s @ y) / float(y @ y)
+            q *= float(s @ y) / float(y @ (self.scaling * y))
         for (s, y, rho), alpha in zip(self.pairs, reversed(alphas), strict=True):
             beta = rho * float(y @ q)
             q += (alpha - beta) * s
@@ -164,10 +195,10 @@ class _Problem:
             self.step = 1.0
         else:
             # No history, or rounding broke the descent property: restart
-            # along -grad with a step of length at most 1.
+            # along the scaled -grad with a step of scaled length at most 1.
             self.pairs.clear()
-            self.direction = -self.grad
-            self.slope = -float(self.grad @ self.grad)
+            self.direction = -self.scaling * self.grad
+            self.slope = float(self.grad @ self.direction)
             self.step = min(1.0, 1.0 / math.sqrt(-self.slope))
         self.backtracks = 0
 
@@ -325,8 +356,19 @@ class LbfgsSolver:
         if validation is not None:
             val = self._evaluator(validation.X, validation.y, n_classes)
         theta0 = _initial_point(present, y_local, X.shape[1], n_classes, warm_start)
+        mean_squares = train.column_mean_squares()
+        divisor = np.concatenate(
+            [np.tile(feature_scale(mean_squares), len(present)), np.ones(len(present))]
+        )
         problems = [
-            _Problem(C=float(C), theta=theta0.copy(), history=self.history) for C in Cs
+            _Problem(
+                C=float(C),
+                theta=theta0.copy(),
+                scaling=_diagonal_scaling(mean_squares, len(present), C, len(y)),
+                grad_divisor=divisor,
+                history=self.history,
+            )
+            for C in Cs
         ]
 
         loop = _Lockstep(problems, train, present, n_classes, tol, max_iter)
@@ -532,6 +574,24 @@ def _initial_point(
     return np.concatenate([coef.ravel(), intercept - intercept.mean()])
 
 
+def _diagonal_scaling(
+    mean_squares: np.ndarray, n_classes: int, C: float, n_samples: int
+) -> np.ndarray:
+    """Return the diagonal preconditioner of L-BFGS for one probe.
+
+    The Hessian of the objective has diagonal about ``kappa * mean(x_j^2) +
+    1 / (C n)`` for the weights on feature ``j``, with ``kappa <= 1/4`` the
+    softmax curvature, and about ``kappa`` for the intercepts. Scaling by its
+    inverse makes L-BFGS invariant to the scale of each feature, so a few
+    columns a thousand times larger than the rest do not stall it; on
+    standardised features the scaling is close to 1 everywhere.
+    """
+    kappa = 0.25
+    strength = 1.0 / (C * n_samples)
+    per_feature = (kappa + strength) / (kappa * mean_squares + strength)
+    return np.concatenate([np.tile(per_feature, n_classes), np.ones(n_classes)])
+
+
 def _stack(thetas: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
     """Unpack thetas into coef ``(m, k, d)`` and intercept ``(m, k)``."""
     packed = np.stack(thetas)
@@ -578,9 +638,12 @@ def _warn_if_not_converged(
             f"max|grad f|={fit.grad_norm:.3g} above {target:.3g} "
             f"(tol={fit.tol:g}); raise max_iter"
         )
-    elif problem.status == "line_search":
+    elif problem.status in ("line_search", "stalled"):
+        failure = (
+            "line search failed" if problem.status == "line_search" else ("stalled")
+        )
         message = (
-            f"{solver} line search failed for C={fit.C:g} with "
+            f"{solver} {failure} for C={fit.C:g} with "
             f"max|grad f|={fit.grad_norm:.3g} above {target:.3g} "
             f"(tol={fit.tol:g}): the objective no longer decreases at the "
             "precision of the data's dtype; raise tol or pass float64 features"
