@@ -109,8 +109,7 @@ def check_problem(X: np.ndarray, y: np.ndarray, n_classes: int) -> None:
         raise SolverError(f"expected a 2-D feature matrix, got shape {X.shape}")
     if y.shape != (X.shape[0],):
         raise SolverError(
-            f"labels have shape {y.shape} but the feature matrix has "
-            f"{X.shape[0]} rows"
+            f"labels have shape {y.shape} but the feature matrix has {X.shape[0]} rows"
         )
     if n_classes < 2:
         raise SolverError(f"a probe needs at least 2 classes, got {n_classes}")

@@ -8,13 +8,19 @@ from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning as SklearnConvergenceWarning
 from sklearn.linear_model import LogisticRegression
 
-from probecvx.solvers.base import ProbeFit, Validation, objective, register_solver
+from probecvx.solvers.base import (
+    ProbeFit,
+    Solver,
+    Validation,
+    objective,
+    register_solver,
+)
 
 
 class SklearnSolver:
@@ -56,21 +62,32 @@ class SklearnSolver:
         max_iter: int,
         warm_start: tuple[np.ndarray, np.ndarray] | None,
     ) -> ProbeFit:
+        binary = len(present) == 2
+        # With two classes scikit-learn fits the binomial model on w = w1 - w0.
+        # The multinomial optimum is symmetric, w0 = -w1, so its penalty
+        # ||W||^2 = ||w||^2 / 2 equals the binomial penalty at twice the C.
         model = LogisticRegression(
-            C=C, solver=self.method, tol=tol, max_iter=max_iter, warm_start=True
+            C=2 * C if binary else C,
+            solver=self.method,
+            tol=tol,
+            max_iter=max_iter,
+            warm_start=True,
         )
         if warm_start is not None:
-            model.coef_ = warm_start[0][present].copy()
-            model.intercept_ = warm_start[1][present].copy()
+            coef_seen = warm_start[0][present]
+            intercept_seen = warm_start[1][present]
+            if binary:
+                coef_seen = coef_seen[1:] - coef_seen[:1]
+                intercept_seen = intercept_seen[1:] - intercept_seen[:1]
+            model.coef_ = coef_seen.copy()
+            model.intercept_ = intercept_seen.copy()
 
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", SklearnConvergenceWarning)
             model.fit(X, y)
         seconds = time.perf_counter() - start
-        hit_cap = any(
-            issubclass(w.category, SklearnConvergenceWarning) for w in caught
-        )
+        hit_cap = any(issubclass(w.category, SklearnConvergenceWarning) for w in caught)
 
         coef, intercept = _expand_classes(model, present, n_classes)
         n_iter = int(np.max(model.n_iter_))
@@ -113,7 +130,12 @@ def _expand_classes(
     return coef, intercept
 
 
+def _factory(method: str) -> Callable[[], Solver]:
+    def make() -> Solver:
+        return SklearnSolver(method)
+
+    return make
+
+
 for _method in ("lbfgs", "sag", "saga"):
-    register_solver(
-        f"sklearn-{_method}", lambda method=_method: SklearnSolver(method)
-    )
+    register_solver(f"sklearn-{_method}", _factory(_method))
