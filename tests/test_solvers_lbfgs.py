@@ -470,6 +470,6 @@ def test_auto_records_pick(seed: int) -> None:
 
     fits = AutoSolver().fit(X, y, 3, [1.0], tol=DEFAULT_TOL, max_iter=500)
 
-    assert fits[0].extra["picked"] in ("lbfgs", "lbfgs-cuda")
+    assert fits[0].extra["picked"] == "lbfgs"
     assert fits[0].extra["picked_because"]
     assert fits[0].converged

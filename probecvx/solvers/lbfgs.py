@@ -297,8 +297,6 @@ class LbfgsSolver:
         self.history = history
         self.block_rows = block_rows
         self.patience = patience
-        if device is not None and device != "cpu":
-            self.name = f"lbfgs-{device.split(':')[0]}"
 
     def fit(
         self,
@@ -655,13 +653,3 @@ def _warn_if_not_converged(
 
 register_solver("lbfgs", LbfgsSolver)
 
-
-def _register_gpu_solver() -> None:
-    """Register ``lbfgs-cuda`` when torch sees a CUDA device."""
-    import torch
-
-    if torch.cuda.is_available():
-        register_solver("lbfgs-cuda", lambda: LbfgsSolver(device="cuda"))
-
-
-_register_gpu_solver()
