@@ -15,9 +15,15 @@ hidden layer with ReLU, and a linear classifier.
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+import math
+import shlex
+import shutil
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,9 +32,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from probecvx.atomic import atomic_path
-from probecvx.datasets import SPLIT_CODES, ProbeDataset
+from probecvx.atomic import atomic_path, write_text_atomic
+from probecvx.datasets import SPLIT_CODES, ProbeDataset, load_dataset
 from probecvx.errors import InvalidInputError
+from probecvx.extract import extract_checkpoints
+from probecvx.fit import fit_shards
+from probecvx.plots import HTML_NAME, build_error_grid, write_report_figures
+from probecvx.reports import load_table
 
 logger = logging.getLogger(__name__)
 
@@ -290,3 +300,328 @@ def _save_checkpoint(model: nn.Module, step: int, checkpoint_dir: Path) -> Path:
         torch.save({"state_dict": model.state_dict(), "step": step}, temp)
     logger.debug("saved %s", path)
     return path
+
+
+DEFAULT_STEPS = 800
+DEFAULT_CHECKPOINTS = 6
+QUICK_STEPS = 40
+QUICK_CHECKPOINTS = 3
+QUICK_LIMIT = 400
+QUICK_CS = (0.1, 1.0, 10.0)
+# Sites shown in the printed summary, with what each one is.
+SUMMARY_SITES = (
+    ("input", "the input"),
+    ("relu1", "first ReLU"),
+    ("relu3", "last hidden layer"),
+    ("fc2", "logits"),
+)
+
+
+@dataclass(frozen=True)
+class DemoResult:
+    """What :func:`run_demo` did and where it wrote it.
+
+    Attributes
+    ----------
+    out_dir : Path
+        The demo folder; ``checkpoint_dir``, ``acts_dir``, ``reports_dir`` and
+        ``figures_dir`` are its subfolders.
+    checkpoints : list of Path
+        The checkpoint files, in step order.
+    trained : bool
+        False when the checkpoints of an earlier run with the same settings
+        were reused.
+    figures : list of Path
+        The files of :func:`probecvx.plots.write_report_figures`.
+    records : list of dict
+        The table of results, :func:`probecvx.reports.load_table`.
+    settings : dict
+        The settings stored in the folder's marker file: data, limit, seed,
+        steps and model keyword arguments.
+    seconds : dict of str to float
+        Wall time of each stage: train, extract, fit, report.
+    """
+
+    out_dir: Path
+    checkpoint_dir: Path
+    acts_dir: Path
+    reports_dir: Path
+    figures_dir: Path
+    checkpoints: list[Path]
+    trained: bool
+    figures: list[Path]
+    records: list[dict[str, Any]]
+    settings: dict[str, Any]
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def extract_command(self) -> str:
+        """Return the ``probecvx extract`` command that re-extracts these
+        checkpoints, for the user to adapt."""
+        kwargs = json.dumps(self.settings["model_kwargs"], separators=(",", ":"))
+        words = [
+            "probecvx",
+            "extract",
+            str(self.checkpoint_dir),
+            "--model",
+            MODEL_SPEC,
+            "--model-kwargs",
+            kwargs,
+            "--data",
+            self.settings["data"],
+            "--seed",
+            str(self.settings["seed"]),
+        ]
+        if self.settings["limit"] is not None:
+            words += ["--limit", str(self.settings["limit"])]
+        words += ["--out", str(self.out_dir / "acts-again")]
+        return shlex.join(words)
+
+    def summary(self) -> list[tuple[str, str, float | None, float | None]]:
+        """Return ``(site, description, first error, last error)`` for the
+        summary sites, as test-error fractions at the first and last step.
+
+        An error is None where the unit failed.
+        """
+        grid = build_error_grid(self.records)
+        rows = []
+        for site, description in SUMMARY_SITES:
+            if site not in grid.sites:
+                continue
+            errors = grid.test_error[grid.sites.index(site)]
+            first, last = (float(errors[0]), float(errors[-1]))
+            rows.append(
+                (
+                    site,
+                    description,
+                    None if math.isnan(first) else first,
+                    None if math.isnan(last) else last,
+                )
+            )
+        return rows
+
+
+def run_demo(
+    out_dir: Path = DEFAULT_OUT_DIR,
+    *,
+    data: str = DIGITS,
+    steps: int | None = None,
+    limit: int | None = None,
+    n_jobs: int = -1,
+    quick: bool = False,
+    seed: int = 0,
+    progress: bool = True,
+) -> DemoResult:
+    """Train the demo network, then extract, fit and report on its checkpoints.
+
+    Parameters
+    ----------
+    out_dir : Path, default="probecvx-demo"
+        The demo folder. It must be missing, empty, or the output of an earlier
+        demo. With the same settings the earlier checkpoints, shards and reports
+        are reused; with other settings they are deleted and made again.
+    data : str, default="digits"
+        Any dataset spec of :func:`probecvx.datasets.load_dataset` with square
+        images, such as a folder of MNIST IDX files.
+    steps : int, optional
+        Training steps; default 800 (40 with ``quick``). Checkpoints are saved
+        at step 0 and at steps that double up to ``steps``, see
+        :func:`checkpoint_steps`.
+    limit : int, optional
+        Rows of the dataset to use. Default: all of digits, 10,000 of any other
+        dataset (400 of digits with ``quick``).
+    n_jobs : int, default=-1
+        Probe fits run in parallel; -1 uses every core.
+    quick : bool, default=False
+        Train briefly, keep 3 checkpoints and a small C grid, so that the whole
+        demo runs in seconds (for tests).
+    seed : int, default=0
+        Seed of the data split, the weight initialisation and the order of
+        training examples.
+    progress : bool, default=True
+        Show progress bars on stderr.
+
+    Returns
+    -------
+    DemoResult
+
+    Raises
+    ------
+    InvalidInputError
+        When ``out_dir`` holds files that are not demo output, or the data or
+        a setting is invalid.
+    """
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir)
+    n_steps = steps or (QUICK_STEPS if quick else DEFAULT_STEPS)
+    schedule = checkpoint_steps(
+        n_steps, QUICK_CHECKPOINTS if quick else DEFAULT_CHECKPOINTS
+    )
+    limit = _default_limit(data, limit, quick)
+    seconds: dict[str, float] = {}
+
+    dataset = load_dataset(data, seed=seed, limit=limit)
+    model_kwargs = model_kwargs_for(dataset)
+    settings: dict[str, Any] = {
+        "data": data if data == DIGITS else str(Path(data).resolve()),
+        "dataset_fingerprint": dataset.fingerprint,
+        "limit": limit,
+        "seed": seed,
+        "steps": schedule,
+        "quick": quick,
+        "model_kwargs": model_kwargs,
+    }
+    reuse = _claim_out_dir(out_dir, settings)
+    checkpoint_dir, acts_dir, reports_dir, figures_dir = (
+        out_dir / name for name in SUBFOLDERS
+    )
+
+    start = time.perf_counter()
+    checkpoints = [checkpoint_dir / checkpoint_name(step) for step in schedule]
+    trained = not (reuse and all(path.is_file() for path in checkpoints))
+    if trained:
+        config = TrainingConfig(steps=schedule, seed=seed)
+        train_demo_model(
+            dataset, model_kwargs, config, checkpoint_dir, progress=progress
+        )
+    else:
+        logger.info("reusing the checkpoints in %s", checkpoint_dir)
+    seconds["train"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    extract_checkpoints(
+        checkpoint_dir,
+        dataset,
+        acts_dir,
+        model_factory=functools.partial(DemoConvNet, **model_kwargs),
+        device="cpu",
+        progress=progress,
+    )
+    seconds["extract"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    fit_shards(
+        acts_dir,
+        reports_dir,
+        Cs=QUICK_CS if quick else None,
+        n_jobs=n_jobs,
+        progress=progress,
+    )
+    seconds["fit"] = time.perf_counter() - start
+
+    start = time.perf_counter()
+    records = load_table(reports_dir)
+    figures = write_report_figures(records, figures_dir, fmt="html")
+    seconds["report"] = time.perf_counter() - start
+
+    return DemoResult(
+        out_dir=out_dir,
+        checkpoint_dir=checkpoint_dir,
+        acts_dir=acts_dir,
+        reports_dir=reports_dir,
+        figures_dir=figures_dir,
+        checkpoints=checkpoints,
+        trained=trained,
+        figures=figures,
+        records=records,
+        settings=settings,
+        seconds=seconds,
+    )
+
+
+def format_demo_summary(result: DemoResult) -> str:
+    """Describe a demo run for a person: where the files are, the key probe
+    errors, and the command that re-extracts the checkpoints."""
+    steps = result.settings["steps"]
+    lines = [
+        f"checkpoints: {result.checkpoint_dir} ({len(result.checkpoints)} files, "
+        f"steps {', '.join(str(step) for step in steps)})",
+        f"activations: {result.acts_dir}",
+        f"reports:     {result.reports_dir}",
+        f"figures:     {result.figures_dir} (open {HTML_NAME} in a browser)",
+        "",
+    ]
+
+    header = f"step {steps[0]}", f"step {steps[-1]}"
+    labels = [f"{site} ({description})" for site, description, _, _ in result.summary()]
+    width = max([len("probe test error (%)"), *map(len, labels)])
+    lines.append(f"{'probe test error (%)':<{width}}  {header[0]:>8}  {header[1]:>9}")
+    for label, (_, _, first, last) in zip(labels, result.summary(), strict=True):
+        lines.append(f"{label:<{width}}  {_percent(first):>8}  {_percent(last):>9}")
+    chance = _chance_percent(result.records)
+    if chance is not None:
+        lines.append(f"chance level: {chance:.2f}%")
+
+    lines += [
+        "",
+        "Full table: probecvx report " + shlex.quote(str(result.reports_dir)),
+        "Probe the demo checkpoints yourself, for example with other settings:",
+        "  " + result.extract_command(),
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def _percent(error: float | None) -> str:
+    return "failed" if error is None else f"{100 * error:.2f}"
+
+
+def _chance_percent(records: Sequence[Mapping[str, Any]]) -> float | None:
+    values = [r["chance_error"] for r in records if r.get("chance_error") is not None]
+    return 100 * float(values[-1]) if values else None
+
+
+def _default_limit(data: str, limit: int | None, quick: bool) -> int | None:
+    if limit is not None:
+        return limit
+    if quick:
+        return QUICK_LIMIT
+    return None if data == DIGITS else DEFAULT_OTHER_LIMIT
+
+
+def _check_out_dir(out_dir: Path) -> None:
+    """Raise unless ``out_dir`` is missing, empty or an earlier demo's output."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidInputError(
+            f"demo output {out_dir} is a file; pass --out with a folder name"
+        )
+    not_empty = out_dir.is_dir() and any(out_dir.iterdir())
+    if not_empty and _read_marker(out_dir / MARKER_NAME) is None:
+        raise InvalidInputError(
+            f"folder {out_dir} is not empty and holds no earlier demo output; "
+            "pass --out with a new folder, or remove this one"
+        )
+
+
+def _claim_out_dir(out_dir: Path, settings: Mapping[str, Any]) -> bool:
+    """Write the marker file into ``out_dir``; return whether earlier output with
+    the same settings can be reused.
+
+    Earlier output made with other settings is deleted, because its
+    checkpoints, shards and reports would mix with the new ones.
+    """
+    previous = _read_marker(out_dir / MARKER_NAME)
+    if previous is not None and previous == dict(settings):
+        return True
+    if previous is not None:
+        logger.warning(
+            "demo settings differ from the earlier run in %s; replacing its output",
+            out_dir,
+        )
+        for name in SUBFOLDERS:
+            shutil.rmtree(out_dir / name, ignore_errors=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    marker = {"format": MARKER_FORMAT, "settings": dict(settings)}
+    write_text_atomic(out_dir / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
+    return False
+
+
+def _read_marker(path: Path) -> dict[str, Any] | None:
+    """Return the settings stored in a demo marker file; None if it is missing
+    or not a demo marker."""
+    try:
+        content = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(content, dict) or content.get("format") != MARKER_FORMAT:
+        return None
+    settings = content.get("settings")
+    return settings if isinstance(settings, dict) else None

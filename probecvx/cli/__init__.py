@@ -49,7 +49,9 @@ def main(verbose: int) -> None:
 
 # Command registrations, one line per command module.
 from probecvx.cli import (  # noqa: E402
+    demo,  # noqa: F401  (registers `probecvx demo`)
     extract,  # noqa: F401  (registers `probecvx extract`)
     fit,  # noqa: F401  (registers `probecvx fit`)
     layers,  # noqa: F401  (registers `probecvx layers`)
+    report,  # noqa: F401  (registers `probecvx report`)
 )
