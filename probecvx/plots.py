@@ -33,7 +33,7 @@ from matplotlib import colormaps
 from matplotlib.animation import FFMpegWriter, PillowWriter
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import Colormap
+from matplotlib.colors import Colormap, PowerNorm
 from matplotlib.figure import Figure
 
 from probecvx import __version__
@@ -58,6 +58,8 @@ _TRAIN_COLOR = "#222222"
 _CHANCE_COLOR = "#C44E52"
 # Above this many cells the heatmap has no room for a number in each cell.
 _MAX_ANNOTATED_CELLS = 400
+# Up to this many checkpoints, a log-scaled step axis is labelled at every step.
+_MAX_LABELLED_STEPS = 12
 
 
 @dataclass(frozen=True)
@@ -296,9 +298,10 @@ def plot_training_heatmap(records: Iterable[Record], path: Path) -> Path:
 
     percent = np.ma.masked_invalid(100 * grid.test_error)
     colormap = _colormap_with_grey_for_missing()
-    image = axes.imshow(
-        percent, aspect="auto", cmap=colormap, vmin=0, vmax=_heatmap_v_max(grid)
-    )
+    # A square-root colour scale keeps small errors apart when one unit (often
+    # the untrained classifier) is far worse than the rest.
+    norm = PowerNorm(gamma=0.5, vmin=0.0, vmax=_heatmap_v_max(grid))
+    image = axes.imshow(percent, aspect="auto", cmap=colormap, norm=norm)
     figure.colorbar(image, ax=axes, label="probe test error (%)")
     if n_sites * n_checkpoints <= _MAX_ANNOTATED_CELLS:
         _annotate_heatmap(axes, grid, image)
@@ -356,6 +359,8 @@ def plot_error_curves(
 
     if _wants_symlog(x):
         axes.set_xscale("symlog", linthresh=float(x[x > 0].min()))
+        if len(x) <= _MAX_LABELLED_STEPS:
+            axes.set_xticks(x, grid.column_labels(), rotation=45, ha="right")
     if x_label == "checkpoint index":
         axes.set_xticks(x, grid.checkpoints, rotation=45, ha="right")
     axes.set_ylim(0, y_max)
@@ -739,7 +744,7 @@ def _annotate_heatmap(axes: Axes, grid: ErrorGrid, image: Any) -> None:
 def _wants_symlog(x: np.ndarray) -> bool:
     """Whether steps span enough decades that a log-like axis reads better."""
     positive = x[x > 0]
-    return positive.size >= 3 and positive.max() / positive.min() >= 50
+    return positive.size >= 3 and positive.max() / positive.min() >= 10
 
 
 def _save_figure(figure: Figure, path: Path) -> None:
