@@ -21,6 +21,7 @@ Every probecvx solver stops by the same scale-free rule,
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Protocol
@@ -29,6 +30,8 @@ import numpy as np
 
 if TYPE_CHECKING:
     import torch
+
+logger = logging.getLogger(__name__)
 
 #: The default ``tol`` for :func:`gradient_converged`. On the benchmark
 #: problems (``benchmarks/solvers.py``) it gives a relative objective gap to
@@ -43,11 +46,11 @@ OBJECTIVE_FLOOR = 1e-3
 #: (1 for intercepts); see :func:`scaled_gradient_max`.
 STOP_RULE = f"max|grad f| / max(rms(x_j), 1) <= tol * max(|f|, {OBJECTIVE_FLOOR:g})"
 
-#: The intercept given to a class absent from the training labels. The infimum
-#: of the objective is approached as that intercept goes to minus infinity, so
-#: the class's weight row stays zero and its intercept is a stand-in so negative
-#: that ``exp`` underflows to exactly 0 in float64: the class is never
-#: predicted and the objective equals that of the problem without the class.
+#: The intercept given to a class absent from the training labels. The
+#: objective approaches its infimum as that intercept goes to minus infinity,
+#: so the class's weight row stays zero and its intercept is a stand-in. It is
+#: so negative that ``exp`` underflows to exactly 0 in float64, so the class is
+#: never predicted and the objective equals that of the problem without it.
 ABSENT_INTERCEPT = -1e3
 
 # The bytes of X one block holds on the CPU: small enough to stay in the
@@ -72,8 +75,8 @@ def gradient_converged(grad_max: float, objective: float, tol: float) -> bool:
 
     Notes
     -----
-    ``f`` is a mean over samples, so the rule does not depend on ``n``, and
-    the gradient is measured relative to ``f`` itself, so nearly separable
+    ``f`` is a mean over samples, so the rule does not depend on ``n``. The
+    gradient is measured relative to ``f`` itself, so nearly separable
     training rows (loss far below 1) are solved to the same relative gap as
     hard ones. The floor keeps the threshold above the rounding noise of
     float32 GEMMs, about 1e-9 on the gradient, when ``f`` is tiny.
@@ -348,6 +351,18 @@ class TorchEvaluator:
         self.n_samples, self.n_features = X.shape
         self.n_classes = n_classes
         self.dtype = torch.float64 if X.dtype == np.float64 else torch.float32
+        if self.dtype == torch.float32 and torch.get_float32_matmul_precision() != (
+            "highest"
+        ):
+            # TF32 or bfloat16 GEMMs keep about 10 bits of mantissa, far too few
+            # for the float32 gradients that the stopping rule measures.
+            logger.warning(
+                "float32 matmul precision is %r, so GEMMs on %s may use TF32 and "
+                "probes may stop short of tol; call "
+                "torch.set_float32_matmul_precision('highest')",
+                torch.get_float32_matmul_precision(),
+                self.device,
+            )
         with warnings.catch_warnings():
             # A read-only array (a memmap opened "r") triggers a warning that
             # writes would be undefined; the tensor is only ever read.

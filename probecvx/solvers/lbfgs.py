@@ -2,10 +2,9 @@
 
 Each iteration of L-BFGS needs the objective and gradient over all rows, which
 costs two GEMMs with ``X``. The probes for the different values of ``C`` are
-fitted together: their weights are stacked so that one GEMM over a block of
-``X`` serves all of them (see :mod:`probecvx.solvers._objective`), and the cost
-of a pass grows with the number of probes much more slowly than the number of
-passes would.
+fitted together. Their weights are stacked so that one GEMM over a block of
+``X`` serves all of them (see :mod:`probecvx.solvers._objective`), so a pass
+for ``m`` probes costs much less than ``m`` passes.
 
 Each ``C`` still runs its own L-BFGS (history, line search, stopping test).
 One L-BFGS on the sum of the objectives would also have the right minimiser,
@@ -56,8 +55,8 @@ _MAX_BACKTRACKS = 30
 # A curvature pair is stored only when s.y > _CURVATURE_EPS * |s| |y|.
 _CURVATURE_EPS = 1e-10
 # A probe has stalled when for _STALL_ITERS iterations neither has f fallen
-# by _STALL_RTOL relative nor has the gradient halved: rounding then decides
-# the steps, which happens when tol asks for more than float32 GEMMs resolve.
+# by _STALL_RTOL relative nor has the gradient halved. Rounding then decides
+# the steps, which happens when tol requests more than float32 GEMMs resolve.
 _STALL_ITERS = 50
 _STALL_RTOL = 1e-13
 
@@ -69,7 +68,7 @@ class _Problem:
     ``theta`` packs the weights then the intercepts: ``K * d + K`` values.
     ``scaling`` is the diagonal of the initial inverse Hessian model, up to
     the scalar that L-BFGS fits from its latest curvature pair.
-    ``grad_divisor`` holds the feature scale of each entry of ``theta`` for
+    ``grad_divisor`` contains the feature scale of each entry of ``theta`` for
     the stopping rule (see ``scaled_gradient_max``).
     """
 
@@ -251,10 +250,10 @@ class LbfgsSolver:
     device : str or None, default=None
         None runs on numpy. A torch device string (``"cpu"``, ``"cuda"``,
         ``"cuda:1"``) moves the data to that device once and runs the GEMMs
-        there with torch; the optimiser state stays float64 on the host.
+        there with torch. The optimiser state stays float64 on the host.
     history : int, default=10
         Curvature pairs kept per probe. Memory per probe is about
-        ``2 * history + 6`` vectors of ``n_classes * (n_features + 1)``
+        ``2 * history + 8`` vectors of ``n_classes * (n_features + 1)``
         float64 values.
     block_rows : int or None, default=None
         Rows of ``X`` per GEMM block; None sizes blocks to about 4 MiB of
@@ -274,7 +273,8 @@ class LbfgsSolver:
 
     ``ProbeFit.data_passes`` counts the passes over the training rows made
     while that probe was running, each shared with the other probes running
-    then; a pass over validation rows counts as ``n_val / n`` of a pass.
+    then, plus the one pass that measures the feature scales. A pass over
+    validation rows counts as ``n_val / n`` of a pass.
     ``fit_seconds`` is the wall time from the start of the joint fit until that
     probe stopped.
     """
@@ -414,7 +414,7 @@ class LbfgsSolver:
             converged=problem.status == "converged",
             objective=problem.objective,
             grad_norm=problem.grad_max,
-            data_passes=problem.n_evals + problem.val_passes,
+            data_passes=1 + problem.n_evals + problem.val_passes,
             fit_seconds=problem.stopped_at,
             solver=self.name,
             stop_rule=STOP_RULE,
@@ -538,7 +538,7 @@ def _initial_point(
 
     Cold: zero weights and the intercepts that are optimal for them, the log
     class frequencies. Warm: the given solution restricted to the classes
-    present; a class that was absent when that solution was fitted carries the
+    present. A class that was absent when that solution was fitted carries the
     stand-in intercept, so it restarts from zero weights and the lowest
     intercept of the others.
     """
@@ -581,7 +581,7 @@ def _diagonal_scaling(
     1 / (C n)`` for the weights on feature ``j``, with ``kappa <= 1/4`` the
     softmax curvature, and about ``kappa`` for the intercepts. Scaling by its
     inverse makes L-BFGS invariant to the scale of each feature, so a few
-    columns a thousand times larger than the rest do not stall it; on
+    columns a thousand times larger than the rest do not stall it. On
     standardised features the scaling is close to 1 everywhere.
     """
     kappa = 0.25
@@ -652,4 +652,3 @@ def _warn_if_not_converged(
 
 
 register_solver("lbfgs", LbfgsSolver)
-
