@@ -71,7 +71,7 @@ class Solver(Protocol):
         """Fit one probe per value in ``Cs`` and return them in the same order.
 
         ``X`` is (n_samples, n_features), float32 or float64, standardised.
-        ``y`` holds int64 class codes in ``0..n_classes-1``; a class may be
+        ``y`` contains int64 class codes in ``0..n_classes-1``; a class may be
         absent from ``y``, and its row of ``coef`` then only sees the penalty.
         ``warm_start`` is ``(coef, intercept)`` of a previous solution.
         """
@@ -119,7 +119,7 @@ def check_problem(X: np.ndarray, y: np.ndarray, n_classes: int) -> None:
         )
     if len(np.unique(y)) < 2:
         raise SolverError(
-            "the train split holds a single class, so no classifier can be fit; "
+            "the train split contains a single class, so no classifier can be fit; "
             "use a split with at least two classes in train"
         )
     if not np.isfinite(X).all():

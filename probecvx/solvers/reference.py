@@ -112,8 +112,8 @@ def _expand_classes(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Place scikit-learn's rows for the classes seen into all ``n_classes`` rows.
 
-    A class absent from the training labels keeps a zero weight row and an
-    intercept of -inf's stand-in, a large negative value, so it is never
+    A class absent from the training labels gets a zero weight row and an
+    intercept of -1000, which stands in for minus infinity, so it is never
     predicted. With two classes scikit-learn returns one row for class 1; the
     symmetric multinomial form is ``(-w/2, +w/2)``.
     """
