@@ -6,10 +6,11 @@ on MNIST-style data given with ``data``), saves checkpoints from step 0
 shards, probe fits into reports, then the table and figures. It is what
 ``probecvx demo`` runs.
 
-The network has the shape of the MNIST convnet probed by Alain & Bengio (2016,
-"Understanding intermediate layers using linear classifier probes", figure
-5): two blocks of 5x5 convolution, ReLU and 2x2 max-pooling, a fully-connected
-hidden layer with ReLU, and a linear classifier.
+The network has two blocks of 5x5 convolution, ReLU and 2x2 max-pooling, a
+fully-connected hidden layer with ReLU, and a linear classifier. That is the
+layer sequence of the MNIST convnet in TensorFlow's example
+``tutorials/image/mnist/convolutional.py`` (tensorflow/models), without its
+dropout.
 """
 
 from __future__ import annotations
@@ -71,9 +72,8 @@ class DemoConvNet(nn.Module):
     n_classes : int, default=10
     conv1_channels, conv2_channels, hidden : int, optional
         Widths of the two convolutions and of ``fc1``. The defaults depend on
-        ``image_size``: 32, 64 and 512 from 28 pixels up (the MNIST model of
-        TensorFlow's original "Deep MNIST for Experts" tutorial, which the
-        paper probes), else 16, 32 and 128.
+        ``image_size``: 32, 64 and 512 from 28 pixels up (the widths of
+        TensorFlow's MNIST example ``convolutional.py``), else 16, 32 and 128.
     """
 
     def __init__(
@@ -164,7 +164,7 @@ def checkpoint_steps(n_steps: int, n_checkpoints: int) -> list[int]:
 
 @dataclass(frozen=True)
 class TrainingConfig:
-    """How the demo trains its network.
+    """Settings of the demo's training run.
 
     Attributes
     ----------
@@ -321,7 +321,7 @@ SUMMARY_SITES = (
 
 @dataclass(frozen=True)
 class DemoResult:
-    """What :func:`run_demo` did and where it wrote it.
+    """Paths, table of results and timings of one :func:`run_demo` run.
 
     Attributes
     ----------
@@ -450,8 +450,8 @@ def run_demo(
     Raises
     ------
     InvalidInputError
-        When ``out_dir`` holds files that are not demo output, or the data or
-        a setting is invalid.
+        When ``out_dir`` contains files that are not demo output, or the data
+        or a setting is invalid.
     """
     out_dir = Path(out_dir)
     _check_out_dir(out_dir)
@@ -591,14 +591,14 @@ def _check_out_dir(out_dir: Path) -> None:
     not_empty = out_dir.is_dir() and any(out_dir.iterdir())
     if not_empty and _read_marker(out_dir / MARKER_NAME) is None:
         raise InvalidInputError(
-            f"folder {out_dir} is not empty and holds no earlier demo output; "
-            "pass --out with a new folder, or remove this one"
+            f"folder {out_dir} is not empty and is not the output of an earlier "
+            "demo; pass --out with a new folder, or remove this one"
         )
 
 
 def _claim_out_dir(out_dir: Path, settings: Mapping[str, Any]) -> bool:
-    """Write the marker file into ``out_dir``; return whether earlier output with
-    the same settings can be reused.
+    """Write the marker file into ``out_dir`` and return whether earlier output
+    with the same settings can be reused.
 
     Earlier output made with other settings is deleted, because its
     checkpoints, shards and reports would mix with the new ones.
@@ -620,8 +620,8 @@ def _claim_out_dir(out_dir: Path, settings: Mapping[str, Any]) -> bool:
 
 
 def _read_marker(path: Path) -> dict[str, Any] | None:
-    """Return the settings stored in a demo marker file; None if it is missing
-    or not a demo marker."""
+    """Return the settings stored in a demo marker file, or None if the file is
+    missing or is not a demo marker."""
     try:
         content = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

@@ -1,10 +1,11 @@
 """Tables and figures of probe error, drawn from the table of results.
 
-Every function takes the records of :func:`probecvx.reports.load_table`: one
-plain dict per (checkpoint, site) with the keys ``checkpoint``, ``step``,
-``site``, ``site_order``, ``status``, ``train_error``, ``test_error`` and
-``chance_error`` (errors are fractions; figures and tables show percentages).
-Sites are shown in forward order and checkpoints in training order.
+Every function takes the records of :func:`probecvx.reports.load_table`, one
+plain dict per (checkpoint, site). The keys used here are ``checkpoint``,
+``step``, ``site``, ``site_order``, ``status``, ``train_error``, ``test_error``
+and ``chance_error``. Errors are fractions, and figures and tables show them as
+percentages. Sites are shown in forward order and checkpoints in training
+order.
 
 Figures are drawn on :class:`matplotlib.figure.Figure` objects with the Agg
 canvas, never through ``pyplot``, so no window opens and no figure outlives the
@@ -71,8 +72,8 @@ class ErrorGrid:
     sites : list of str
         Probe site names in forward order.
     checkpoints : list of str
-        Checkpoint names in training order (by step; checkpoints without a
-        step come last, by name).
+        Checkpoint names in training order: by step, then the checkpoints
+        without a step, by name.
     steps : list of int or None
         The step of each checkpoint, None when unknown.
     test_error, train_error : ndarray of shape (n_sites, n_checkpoints)
@@ -377,7 +378,7 @@ def plot_error_curves(
 def animate_site_bars(records: Iterable[Record], path: Path, *, fps: int = 1) -> Path:
     """Animate the per-site error bars across checkpoints, one frame per checkpoint.
 
-    Every frame has the same y axis; the title names the step. A ``.gif`` path
+    Every frame has the same y axis, and its title names the step. A ``.gif`` path
     is written with Pillow, an ``.mp4`` path with ffmpeg.
 
     Parameters
@@ -675,7 +676,7 @@ def _chance_label(chance_percent: float, y_max: float) -> str:
 
 
 def _draw_site_bars(axes: Axes, grid: ErrorGrid, j: int, y_max: float) -> None:
-    """Draw checkpoint ``j``'s bars on ``axes``; ``y_max`` is in percent."""
+    """Draw the bars of checkpoint ``j`` on ``axes``, up to ``y_max`` percent."""
     x = np.arange(len(grid.sites))
     test = 100 * grid.test_error[:, j]
     train = 100 * grid.train_error[:, j]
@@ -742,7 +743,7 @@ def _annotate_heatmap(axes: Axes, grid: ErrorGrid, image: Any) -> None:
 
 
 def _wants_symlog(x: np.ndarray) -> bool:
-    """Whether steps span enough decades that a log-like axis reads better."""
+    """Return whether the steps span enough range that a log axis reads better."""
     positive = x[x > 0]
     return positive.size >= 3 and positive.max() / positive.min() >= 10
 

@@ -75,9 +75,9 @@ def demo_command(
 ) -> None:
     """Train a small convnet, save checkpoints, and probe every layer of each.
 
-    The network has the shape of the MNIST convnet that Alain & Bengio (2016)
-    probe: two blocks of 5x5 convolution, ReLU and 2x2 max-pooling, a hidden
-    fully-connected layer and a linear classifier. The demo saves checkpoints
+    The network has two blocks of 5x5 convolution, ReLU and 2x2 max-pooling, a
+    hidden fully-connected layer and a linear classifier, the layers of
+    TensorFlow's MNIST example convolutional.py. The demo saves checkpoints
     from step 0 (untrained) on, then runs `probecvx extract`, `probecvx fit`
     and `probecvx report` over them, writing everything under --out.
     """

@@ -81,7 +81,7 @@ def report_command(
 
     REPORTS_DIR is the --out folder of `probecvx fit`. The table goes to
     stdout. The figures (a bar chart per checkpoint, a heatmap over training,
-    error curves) go to --out, and a line on stderr says how many were written.
+    error curves) go to --out, and stderr gets one line with their number.
     Put --animate after REPORTS_DIR, because a bare --animate takes the next
     word as its value.
     """
