@@ -556,8 +556,10 @@ def format_demo_summary(result: DemoResult) -> str:
     if chance is not None:
         lines.append(f"chance level: {chance:.2f}%")
 
+    timings = ", ".join(f"{stage} {sec:.1f}" for stage, sec in result.seconds.items())
     lines += [
         "",
+        f"wall time (s): {timings}",
         "Full table: probecvx report " + shlex.quote(str(result.reports_dir)),
         "Probe the demo checkpoints yourself, for example with other settings:",
         "  " + result.extract_command(),
