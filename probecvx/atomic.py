@@ -1,14 +1,88 @@
-"""Atomic commits of output files: a final name only ever holds a complete file."""
+"""Atomic commits of output files: a final name only ever holds a complete file.
+
+A file is written under a temporary name in the folder of its final name, then
+moved there with ``os.replace``. Temporary names record the host and process
+that own them::
+
+    .probecvx-tmp-<final name>.~<host>~<pid>~<random>
+
+so that :func:`remove_stale_temp_files` deletes only the files of processes
+that are gone, and never the file that another live job is writing in the same
+folder.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
+import socket
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
+logger = logging.getLogger(__name__)
+
 TEMP_PREFIX = ".probecvx-tmp-"
+
+#: Seconds after its last modification when a temporary file of another host,
+#: or of an unknown owner, counts as left by a killed job. A live writer
+#: touches its file at least once per batch, so six hours is generous.
+FOREIGN_TEMP_MAX_AGE = 6 * 3600.0
+
+_OWNER_SEPARATOR = "~"
+_UNSAFE_HOST_CHARACTERS = re.compile(r"[^A-Za-z0-9.\-]")
+
+
+def host_name() -> str:
+    """Return this machine's host name, reduced to characters safe in file names."""
+    name = _UNSAFE_HOST_CHARACTERS.sub("_", socket.gethostname()) or "unknown-host"
+    return name[:64]
+
+
+def process_alive(pid: int) -> bool:
+    """Return whether a process with id ``pid`` exists on this host.
+
+    A process of another user counts as alive. A recycled pid also counts as
+    alive, which is why callers combine this check with an age limit.
+    """
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass(frozen=True)
+class TempOwner:
+    """The host and process that created a temporary file, read from its name."""
+
+    host: str
+    pid: int
+
+
+def temp_owner(name: str) -> TempOwner | None:
+    """Return the owner recorded in temporary file ``name``; None when it has none.
+
+    Names written before owners were recorded (``.probecvx-tmp-<final>.<random>``)
+    have none.
+    """
+    if not name.startswith(TEMP_PREFIX):
+        return None
+    parts = name[len(TEMP_PREFIX) :].rsplit(_OWNER_SEPARATOR, 3)
+    if len(parts) != 4 or not parts[0].endswith("."):
+        return None
+    _, host, pid, _ = parts
+    if not pid.isdigit() or not host:
+        return None
+    return TempOwner(host=host, pid=int(pid))
 
 
 @contextlib.contextmanager
@@ -21,8 +95,10 @@ def atomic_path(final: Path) -> Iterator[Path]:
     the temporary file is removed and ``final`` is left as it was.
     """
     final = Path(final)
+    owner = f"{_OWNER_SEPARATOR}{host_name()}{_OWNER_SEPARATOR}{os.getpid()}"
     fd, temp_name = tempfile.mkstemp(
-        prefix=f"{TEMP_PREFIX}{final.name}.", dir=final.parent
+        prefix=f"{TEMP_PREFIX}{final.name}.{owner}{_OWNER_SEPARATOR}",
+        dir=final.parent,
     )
     os.close(fd)
     temp = Path(temp_name)
@@ -48,10 +124,32 @@ def write_text_atomic(final: Path, text: str) -> None:
     write_bytes_atomic(final, text.encode("utf-8"))
 
 
-def remove_stale_temp_files(folder: Path) -> list[Path]:
-    """Delete temporary files that a killed run left in ``folder``; return them."""
+def remove_stale_temp_files(
+    folder: Path, *, max_age: float = FOREIGN_TEMP_MAX_AGE
+) -> list[Path]:
+    """Delete the temporary files in ``folder`` that killed processes left; return them.
+
+    A file created on this host is deleted when its process no longer exists.
+    A file of another host, or one whose name records no owner, is deleted
+    when it was last modified more than ``max_age`` seconds ago, because the
+    process that owns it cannot be checked from here. Files of live processes
+    are kept, so a job may clean a folder that another job is writing to.
+    """
     removed = []
+    this_host = host_name()
+    now = time.time()
     for path in Path(folder).glob(f"{TEMP_PREFIX}*"):
+        owner = temp_owner(path.name)
+        if owner is not None and owner.host == this_host:
+            stale = not process_alive(owner.pid)
+        else:
+            try:
+                stale = now - path.stat().st_mtime > max_age
+            except FileNotFoundError:
+                continue
+        if not stale:
+            logger.debug("keeping %s: its writer may still be running", path)
+            continue
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
             removed.append(path)
