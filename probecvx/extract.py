@@ -13,10 +13,19 @@ version), so deciding to skip reads the checkpoint's bytes but does not load
 the model. Batch size and device are not part of the id because they change
 stored values by float32 rounding at most: a BLAS library may pick another
 summation order for another batch size or device.
+
+For batch jobs, ``shard=(I, N)`` gives task ``I`` of ``N`` its part of the
+checkpoints, balanced by file size. Before writing a shard, a process claims
+it with the hidden file ``.<checkpoint name>.h5.claim`` (see
+:mod:`probecvx.claims`), so two jobs that overlap by mistake do not extract
+the same checkpoint twice. With ``keep_going``, a checkpoint that fails is
+recorded in ``.<checkpoint name>.h5.failed.json`` and the others are still
+extracted; later runs skip it until ``retry_failed``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -27,21 +36,37 @@ import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
-from probecvx.atomic import remove_stale_temp_files
+from probecvx import cluster
+from probecvx.atomic import remove_stale_temp_files, write_text_atomic
 from probecvx.checkpoints import (
     CheckpointRef,
     checkpoint_sha256,
     discover_checkpoints,
     load_model,
 )
+from probecvx.claims import (
+    DEFAULT_CLAIM_TIMEOUT,
+    Claim,
+    Owner,
+    check_claim_timeout,
+    slurm_task_label,
+    try_claim,
+    utc_now,
+)
 from probecvx.datasets import ProbeDataset
-from probecvx.errors import ExtractionError, InvalidInputError, ShardError
+from probecvx.errors import (
+    CheckpointError,
+    ExtractionError,
+    InvalidInputError,
+    ShardError,
+)
 from probecvx.shards import (
     SHARD_SCHEMA_VERSION,
     SHARD_SUFFIX,
@@ -67,12 +92,22 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 DRY_BATCH_ROWS = 4
 
 
+#: Suffixes of the hidden files beside a shard: its claim while a process
+#: writes it, and the record of its failure (with ``keep_going``).
+CLAIM_SUFFIX = ".claim"
+FAILURE_SUFFIX = ".failed.json"
+FAILURE_FORMAT = "probecvx-extract-failure"
+
+
 @dataclass(frozen=True)
 class ShardRecord:
     """Outcome for the shard of one checkpoint.
 
-    ``status`` is ``written``, or ``skipped`` when a current shard already
-    existed. ``seconds`` is the wall time spent on it, hashing included.
+    ``status`` is ``written``; ``skipped`` when a current shard already
+    existed; ``failed``, with the ``error``, when the checkpoint failed in
+    this run or in an earlier one (with ``keep_going``); or ``claimed`` when
+    another live process was writing it. ``seconds`` is the wall time spent
+    on it, hashing included.
     """
 
     checkpoint: str
@@ -82,6 +117,7 @@ class ShardRecord:
     shard_id: str
     n_sites: int
     seconds: float
+    error: str | None = None
 
 
 @dataclass
@@ -100,6 +136,16 @@ class ExtractSummary:
     def skipped(self) -> list[ShardRecord]:
         """Shards left as they were because they were already current."""
         return [record for record in self.records if record.status == "skipped"]
+
+    @property
+    def failed(self) -> list[ShardRecord]:
+        """Checkpoints that failed, in this run or in an earlier one."""
+        return [record for record in self.records if record.status == "failed"]
+
+    @property
+    def claimed(self) -> list[ShardRecord]:
+        """Checkpoints left to another process that was writing their shard."""
+        return [record for record in self.records if record.status == "claimed"]
 
 
 @dataclass(frozen=True)
@@ -141,6 +187,12 @@ def extract_checkpoints(
     force: bool = False,
     progress: bool = True,
     on_shard: Callable[[ShardRecord], object] | None = None,
+    shard: tuple[int, int] | None = None,
+    keep_going: bool = False,
+    retry_failed: bool = False,
+    hdf5_locking: str | None = None,
+    claim_timeout: float = DEFAULT_CLAIM_TIMEOUT,
+    task: str | None = None,
 ) -> ExtractSummary:
     """Write one shard of activations per checkpoint in ``checkpoint_dir``.
 
@@ -178,8 +230,27 @@ def extract_checkpoints(
     progress : bool, default=True
         Show a progress bar over batches on stderr.
     on_shard : callable, optional
-        Called with each :class:`ShardRecord` as soon as its shard is written
-        or skipped.
+        Called with each :class:`ShardRecord` as soon as its shard is written,
+        skipped, failed or left to another process.
+    shard : tuple of (int, int), optional
+        ``(I, N)``: extract only the checkpoints of task ``I`` of ``N``
+        (``0 <= I < N``). Every task computes the same partition, balanced by
+        checkpoint size. Default: every checkpoint.
+    keep_going : bool, default=False
+        Record a checkpoint that cannot be loaded or run in a hidden
+        ``.<name>.h5.failed.json`` file and go on with the others, instead of
+        raising. Later runs skip it until ``retry_failed``.
+    retry_failed : bool, default=False
+        Extract the checkpoints recorded as failed by an earlier run.
+    hdf5_locking : {"true", "false", "best-effort"}, optional
+        HDF5 file locking of the shards being written, see
+        :func:`probecvx.cluster.hdf5_locking`.
+    claim_timeout : float, default=600
+        Seconds without a heartbeat after which another process's claim on a
+        checkpoint counts as stale and is broken.
+    task : str, optional
+        Label of this task in shards and logs; default the SLURM job and
+        array task ids, else ``I/N`` of ``shard``.
 
     Returns
     -------
@@ -198,11 +269,28 @@ def extract_checkpoints(
     """
     settings = _check_settings(sites, pooling, dtype, batch_size)
     torch_device = resolve_device(device)
+    shard = cluster.check_shard(shard)
+    claim_timeout = check_claim_timeout(claim_timeout)
+    cluster.check_hdf5_locking(hdf5_locking)
     refs = discover_checkpoints(Path(checkpoint_dir), pattern)
+    refs = _refs_of_shard(refs, shard)
     out_dir = prepare_out_dir(Path(out_dir))
+    if task is None:
+        task = slurm_task_label()
+    if task is None and shard is not None:
+        task = f"{shard[0]}/{shard[1]}"
+    job = _Job(
+        out_dir=out_dir,
+        settings=settings,
+        owner=Owner.new_run(task),
+        claim_timeout=claim_timeout,
+        force=force,
+        keep_going=keep_going,
+        retry_failed=retry_failed,
+    )
 
-    # NOTE: this also deletes the temporary file of another extract writing to
-    # the same folder right now, which then fails; run one extract per folder.
+    # Only files of processes that are gone are removed, so a job may start
+    # while another one writes to the same folder.
     removed = remove_stale_temp_files(out_dir)
     if removed:
         logger.info(
@@ -212,38 +300,42 @@ def extract_checkpoints(
     started = time.perf_counter()
     summary = ExtractSummary()
     n_batches = -(-dataset.n_samples // batch_size)
-    with tqdm(
-        total=n_batches * len(refs),
-        unit="batch",
-        file=sys.stderr,
-        disable=not progress,
-        dynamic_ncols=True,
-    ) as bar:
+    with (
+        cluster.hdf5_locking(hdf5_locking),
+        tqdm(
+            total=n_batches * len(refs),
+            unit="batch",
+            file=sys.stderr,
+            disable=not progress,
+            dynamic_ncols=True,
+        ) as bar,
+    ):
         for ref in refs:
             bar.set_description(ref.name)
+            batches = _BatchCounter(bar.update)
             record = _extract_or_skip(
                 ref,
                 dataset,
-                out_dir,
-                settings,
+                job,
                 model_factory=model_factory,
                 batch_size=batch_size,
                 device=torch_device,
                 trust=trust,
-                force=force,
-                on_batch=bar.update,
+                on_batch=batches,
             )
-            if record.status == "skipped":
-                bar.update(n_batches)
+            bar.update(n_batches - batches.count)
             summary.records.append(record)
             if on_shard is not None:
                 on_shard(record)
     summary.seconds = time.perf_counter() - started
     logger.info(
-        "extraction done in %.1f s: %d shards written, %d skipped as current",
+        "extraction done in %.1f s: %d shards written, %d skipped as current, "
+        "%d failed, %d left to other processes",
         summary.seconds,
         len(summary.written),
         len(summary.skipped),
+        len(summary.failed),
+        len(summary.claimed),
     )
     return summary
 
@@ -352,43 +444,206 @@ def _check_settings(
     return _Settings(sites=requested, pooling=pooling, dtype=dtype)
 
 
+@dataclass(frozen=True)
+class _Job:
+    """The settings of one extract run that every checkpoint shares."""
+
+    out_dir: Path
+    settings: _Settings
+    owner: Owner
+    claim_timeout: float
+    force: bool
+    keep_going: bool
+    retry_failed: bool
+
+
+class _BatchCounter:
+    """Forward progress updates and count them, to complete the bar on a skip."""
+
+    def __init__(self, update: Callable[[int], object]) -> None:
+        self.update = update
+        self.count = 0
+
+    def __call__(self, n: int) -> None:
+        self.count += n
+        self.update(n)
+
+
+def _refs_of_shard(
+    refs: list[CheckpointRef], shard: tuple[int, int] | None
+) -> list[CheckpointRef]:
+    """Return the checkpoints of task ``shard``, balanced by checkpoint size."""
+    if shard is None:
+        return refs
+    costs = [float(_checkpoint_bytes(ref.path)) for ref in refs]
+    mine = [refs[i] for i in cluster.items_of_shard(costs, shard)]
+    logger.info(
+        "task shard %d/%d: %d of %d checkpoints",
+        shard[0],
+        shard[1],
+        len(mine),
+        len(refs),
+    )
+    return mine
+
+
+def _checkpoint_bytes(path: Path) -> int:
+    """Return the size of a checkpoint file, or of every file in its folder."""
+    if path.is_dir():
+        return sum(item.stat().st_size for item in path.rglob("*") if item.is_file())
+    return path.stat().st_size
+
+
+def claim_path_of(final: Path) -> Path:
+    """Return the hidden claim file of the shard at ``final``."""
+    return final.with_name(f".{final.name}{CLAIM_SUFFIX}")
+
+
+def failure_path_of(final: Path) -> Path:
+    """Return the hidden failure record of the shard at ``final``."""
+    return final.with_name(f".{final.name}{FAILURE_SUFFIX}")
+
+
+def read_failure(final: Path) -> dict[str, Any] | None:
+    """Return the failure recorded for the shard at ``final``, or None."""
+    path = failure_path_of(final)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        logger.warning("ignoring unreadable failure record %s (%s)", path, err)
+        return None
+    if not isinstance(doc, dict) or doc.get("format") != FAILURE_FORMAT:
+        logger.warning("ignoring malformed failure record %s", path)
+        return None
+    return doc
+
+
 def _extract_or_skip(
     ref: CheckpointRef,
     dataset: ProbeDataset,
-    out_dir: Path,
-    settings: _Settings,
+    job: _Job,
     *,
     model_factory: Callable[[], nn.Module] | None,
     batch_size: int,
     device: torch.device,
     trust: bool,
-    force: bool,
     on_batch: Callable[[int], object],
 ) -> ShardRecord:
-    """Write the shard of one checkpoint unless a current one exists."""
+    """Write the shard of one checkpoint unless it is current, failed or claimed."""
     started = time.perf_counter()
-    final = out_dir / f"{ref.name}{SHARD_SUFFIX}"
+    final = job.out_dir / f"{ref.name}{SHARD_SUFFIX}"
     checkpoint_hash = checkpoint_sha256(ref.path)
-    shard_id = shard_id_for(checkpoint_hash, dataset.fingerprint, settings.hash())
+    shard_id = shard_id_for(checkpoint_hash, dataset.fingerprint, job.settings.hash())
 
-    if not force:
+    def outcome(status: str, n_sites: int = 0, error: str | None = None) -> ShardRecord:
+        seconds = time.perf_counter() - started
+        return ShardRecord(
+            ref.name, ref.step, final, status, shard_id, n_sites, seconds, error
+        )
+
+    if not job.force:
         current_sites = _current_shard_sites(final, shard_id)
         if current_sites is not None:
-            seconds = time.perf_counter() - started
             logger.info("shard %s is current, skipped", final)
-            return ShardRecord(
-                ref.name, ref.step, final, "skipped", shard_id, current_sites, seconds
-            )
+            return outcome("skipped", current_sites)
+        earlier = _earlier_failure(final, shard_id, job)
+        if earlier is not None:
+            return outcome("failed", error=earlier)
 
-    attrs = _shard_attrs(ref, checkpoint_hash, dataset, settings, shard_id)
+    held = try_claim(claim_path_of(final), job.owner, timeout=job.claim_timeout)
+    if not isinstance(held, Claim):
+        logger.info(
+            "checkpoint %s is claimed by %s; left to it", ref.name, held.describe()
+        )
+        return outcome("claimed")
+    with held:
+        if not job.force:
+            # Another process may have written the shard just before the claim.
+            current_sites = _current_shard_sites(final, shard_id)
+            if current_sites is not None:
+                logger.info("shard %s was written by another process", final)
+                return outcome("skipped", current_sites)
+        try:
+            n_sites = _load_and_write(
+                ref,
+                dataset,
+                final,
+                job,
+                _shard_attrs(ref, checkpoint_hash, dataset, job.settings, shard_id),
+                model_factory=model_factory,
+                batch_size=batch_size,
+                device=device,
+                trust=trust,
+                on_batch=on_batch,
+            )
+        except (CheckpointError, ExtractionError) as err:
+            if not job.keep_going:
+                raise
+            _write_failure(final, shard_id, str(err), job.owner)
+            logger.error("checkpoint %s failed, going on: %s", ref.name, err)
+            return outcome("failed", error=str(err))
+    with contextlib.suppress(FileNotFoundError):
+        failure_path_of(final).unlink()
+    return outcome("written", n_sites)
+
+
+def _earlier_failure(final: Path, shard_id: str, job: _Job) -> str | None:
+    """Return the error of a failure recorded for this shard id, unless retried."""
+    failure = read_failure(final)
+    if failure is None or failure.get("shard_id") != shard_id:
+        return None
+    if job.retry_failed:
+        logger.info("retrying %s, which failed in an earlier run", final)
+        return None
+    error = str(failure.get("error"))
+    logger.warning(
+        "skipping %s: it failed in an earlier run (%s); pass --retry-failed to "
+        "extract it again",
+        final,
+        error,
+    )
+    return f"failed in an earlier run: {error}"
+
+
+def _write_failure(final: Path, shard_id: str, error: str, owner: Owner) -> None:
+    doc = {
+        "format": FAILURE_FORMAT,
+        "checkpoint": final.stem,
+        "shard_id": shard_id,
+        "error": error,
+        "provenance": {**owner.here().record(), "time": utc_now()},
+    }
+    write_text_atomic(failure_path_of(final), json.dumps(doc, indent=1) + "\n")
+
+
+def _load_and_write(
+    ref: CheckpointRef,
+    dataset: ProbeDataset,
+    final: Path,
+    job: _Job,
+    attrs: dict[str, str | int],
+    *,
+    model_factory: Callable[[], nn.Module] | None,
+    batch_size: int,
+    device: torch.device,
+    trust: bool,
+    on_batch: Callable[[int], object],
+) -> int:
+    """Load one checkpoint and write its shard; return the number of sites."""
+    started = time.perf_counter()
+    provenance = {**job.owner.here().record(), "started": utc_now()}
+    attrs = {**attrs, "provenance_json": json.dumps(provenance, sort_keys=True)}
     model = load_model(ref, model_factory, trust=trust, map_location=str(device))
     model.to(device)
     try:
         n_sites, overflow = _write_shard(
-            model, dataset, final, attrs, settings, batch_size, device, on_batch
+            model, dataset, final, attrs, job.settings, batch_size, device, on_batch
         )
     except ExtractionError as err:
-        raise ExtractionError(f"checkpoint {ref.name} ({ref.path}): {err}") from err
+        message = cluster.explain_lock_error(str(err))
+        raise ExtractionError(f"checkpoint {ref.name} ({ref.path}): {message}") from err
 
     if overflow:
         counts = ", ".join(f"{site} ({count})" for site, count in overflow.items())
@@ -397,17 +652,17 @@ def _extract_or_skip(
             f"float16 range ±{FLOAT16_MAX:g} and were clipped, in sites {counts}; "
             "use --dtype float32 to store them exactly",
             UserWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    seconds = time.perf_counter() - started
     logger.info(
-        "wrote shard %s: %d sites, %d samples, %.1f s",
+        "wrote shard %s on %s: %d sites, %d samples, %.1f s",
         final,
+        job.owner.here().label(),
         n_sites,
         dataset.n_samples,
-        seconds,
+        time.perf_counter() - started,
     )
-    return ShardRecord(ref.name, ref.step, final, "written", shard_id, n_sites, seconds)
+    return n_sites
 
 
 def _shard_attrs(
@@ -442,7 +697,8 @@ def _current_shard_sites(final: Path, shard_id: str) -> int | None:
     try:
         info = read_shard_info(final)
     except ShardError as err:
-        logger.warning("rewriting unreadable shard %s: %s", final, err)
+        message = cluster.explain_lock_error(str(err))
+        logger.warning("rewriting unreadable shard %s: %s", final, message)
         return None
     if info.shard_id != shard_id:
         logger.info("shard %s is stale (checkpoint, data or settings changed)", final)

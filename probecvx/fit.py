@@ -1,36 +1,38 @@
 """Fit a linear probe to every (checkpoint, probe site) unit of a folder of shards.
 
-For each unit, the activations of one site are read from the checkpoint's
-shard and standardised with the mean and standard deviation of the train split.
-A multinomial logistic regression is then fitted on the train split for every
-``C`` of a grid. The ``C`` with the lowest val error is kept (ties go to the
-lower val loss, then to the smaller ``C``), and its error and log-loss are
-measured on the train, val and test splits.
+How one probe is fitted (standardisation, the grid of ``C``, scoring) is in
+:mod:`probecvx.probe`. This module plans the units, runs them in parallel and
+turns their results into reports.
 
-Units run in parallel with joblib. The units of one site form chains in
-checkpoint order, and each unit of a chain starts from the solution of the one
-before it (a warm start): consecutive checkpoints of one training run usually
-have nearby optima. Every finished unit is written at once, atomically, under
-``<out_dir>/.units/``. When all the units of a checkpoint are done, its report
-``<checkpoint name>.json`` and ``index.json`` are rewritten.
-A re-run skips units whose result is current (same shard id and fit settings),
-so a killed run loses only the units that were in flight.
+Units run with joblib or on a Dask cluster (:func:`probecvx.cluster.run_tasks`).
+The units of one site form chains in checkpoint order, and each unit of a chain
+starts from the solution of the one before it (a warm start): consecutive
+checkpoints of one training run usually have nearby optima. A worker claims
+each unit before fitting it (:mod:`probecvx.claims`), so that two jobs that
+overlap by mistake do not fit it twice, and commits the result at once,
+atomically, to its unit file under ``<out_dir>/.units/``. When all the units
+of a checkpoint are done, the job that sees the last one writes the report
+``<checkpoint name>.json`` and updates ``index.json``.
+
+A re-run skips units whose result is current (same shard id and fit
+settings), failed units included unless ``retry_failed`` is set, so a killed
+run loses only the units that were in flight. ``shard=(I, N)`` gives task
+``I`` of ``N`` its part of the units (:func:`probecvx.cluster.partition`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fnmatch
-import hashlib
+import importlib
 import json
 import logging
 import math
 import os
 import sys
-import time
 import warnings
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -40,148 +42,146 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
-from probecvx import reports
-from probecvx.atomic import remove_stale_temp_files, write_text_atomic
+from probecvx import cluster, reports
+from probecvx.atomic import atomic_path, remove_stale_temp_files, write_text_atomic
+from probecvx.claims import (
+    DEFAULT_CLAIM_TIMEOUT,
+    Claim,
+    Owner,
+    break_claim,
+    check_claim_timeout,
+    claim_path,
+    exclusive,
+    read_claim,
+    slurm_task_label,
+    try_claim,
+    utc_now,
+)
+from probecvx.cluster import (
+    active_dask_client,
+    check_hdf5_locking,
+    check_shard,
+    explain_lock_error,
+    items_of_shard,
+    run_tasks,
+)
 from probecvx.errors import (
     ConvergenceWarning,
     InvalidInputError,
     ProbecvxError,
     ReportError,
     ShardError,
-    SolverError,
 )
-from probecvx.shards import (
-    SHARD_SUFFIX,
-    ShardInfo,
-    read_shard_info,
-    read_site,
-    read_targets,
+from probecvx.probe import (
+    DEFAULT_CS,
+    DEFAULT_MAX_ITER,
+    DONE_FAILED,
+    DONE_OK,
+    NO_VAL_C,
+    PENDING,
+    SPLIT_NAMES,
+    FitSettings,
+    UnitTask,
+    error_text,
+    fit_unit,
+    new_entry,
 )
-from probecvx.solvers import (
-    ProbeFit,
-    Solver,
-    Validation,
-    available_solvers,
-    check_problem,
-    get_solver,
-    softmax_cross_entropy,
-)
+from probecvx.shards import SHARD_SUFFIX, ShardInfo, read_shard_info, read_targets
+from probecvx.solvers import Solver, available_solvers, get_solver
 from probecvx.solvers._objective import DEFAULT_TOL
 
+__all__ = [
+    "DEFAULT_CS",
+    "DEFAULT_MAX_ITER",
+    "NO_VAL_C",
+    "PLAN_NAME",
+    "UNITS_DIR",
+    "FitSettings",
+    "FitSummary",
+    "fit_shards",
+    "read_unit_file",
+    "unit_path",
+]
+
 logger = logging.getLogger(__name__)
-
-#: The default grid of ``C``: six values, one per decade from 1e-3 to 1e2.
-#: Because the features are standardised and the penalty is
-#: ``||W||^2 / (2 C n)``, ``C = 1`` (scikit-learn's default) is a moderate
-#: penalty whatever the number of rows. The grid also tries penalties up to
-#: 1000 times stronger and 100 times weaker.
-DEFAULT_CS = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0)
-
-#: ``C`` used when a checkpoint has no val rows to choose by: the grid value
-#: nearest to this one on a log scale.
-NO_VAL_C = 1.0
-
-#: The iteration cap when the caller gives none; a probe that reaches it is
-#: recorded as not converged.
-DEFAULT_MAX_ITER = 1000
 
 #: The hidden folder of per-unit results inside the reports folder.
 UNITS_DIR = ".units"
 
-SPLIT_NAMES = ("train", "val", "test")  # indexed by the shard's split codes
+#: The file in UNITS_DIR that records what the last run selected and with
+#: which settings; ``probecvx status`` reads it. Checkpoint names cannot start
+#: with a dot, so it never clashes with a checkpoint's folder.
+PLAN_NAME = ".plan.json"
+PLAN_FORMAT = "probecvx-fit-plan"
 
-# Rows per block when computing statistics and standardising, so that the
-# float64 temporaries stay near this many bytes whatever the site's width.
-_BLOCK_BYTES = 8 * 2**20
+# The lock file, inside UNITS_DIR, held while index.json is rewritten.
+_INDEX_LOCK = ".index.lock"
 
-
-@dataclass(frozen=True)
-class FitSettings:
-    """The settings that decide a probe's result; their hash marks a unit current."""
-
-    solver: str
-    Cs: tuple[float, ...]
-    tol: float
-    max_iter: int
-    early_stopping: bool
-    warm_start: bool
-    device: str
-
-    def record(self) -> dict[str, Any]:
-        """Return the ``fit`` block of a report: these settings and their hash."""
-        return {
-            "solver": self.solver,
-            "Cs": list(self.Cs),
-            "tol": self.tol,
-            "max_iter": self.max_iter,
-            "early_stopping": self.early_stopping,
-            "warm_start": self.warm_start,
-            "settings_hash": self.settings_hash(),
-        }
-
-    def settings_hash(self) -> str:
-        """Return the sha256 of the settings that change a probe's result.
-
-        The device and the number of jobs are left out: they change how fast a
-        probe is fitted, not the optimum it reaches.
-        """
-        fields = {
-            "solver": self.solver,
-            "Cs": list(self.Cs),
-            "tol": self.tol,
-            "max_iter": self.max_iter,
-            "early_stopping": self.early_stopping,
-            "warm_start": self.warm_start,
-            "no_val_C": NO_VAL_C,
-            "report_schema_version": reports.REPORT_SCHEMA_VERSION,
-        }
-        text = json.dumps(fields, sort_keys=True)
-        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+# UnitResult.outcome: fitted by this run; found committed by another process
+# (or by this run before one of its workers died); claimed by another live
+# process, so left to it.
+FITTED, DONE_ELSEWHERE, CLAIMED = "fitted", "done_elsewhere", "claimed"
 
 
 @dataclass(frozen=True)
-class UnitTask:
-    """One (checkpoint, site) probe to fit, with what a worker needs to fit it."""
+class WorkerContext:
+    """What every chain of one run shares: settings, owner and retry rules."""
 
-    shard_path: Path
-    checkpoint: str
-    site: str
-    order: int
-    module_type: str | None
-    n_features: int
-    overflow_count: int
-    n_classes: int
-    class_names: tuple[str, ...]
-    unit_path: Path
-    shard_id: str
+    settings: FitSettings
+    owner: Owner
+    claim_timeout: float
+    force: bool
+    retry_failed: bool
+    plugins: tuple[str, ...]
+    hdf5_locking: str | None
 
 
 @dataclass(frozen=True)
 class ChainTask:
-    """Units of one site in checkpoint order, fitted one after another by a worker."""
+    """Units of one site in checkpoint order, fitted one after another by a worker.
+
+    Units that are already done stay in the chain, so that the next unit
+    warm-starts from the solution of the one before it, as in a run that was
+    never interrupted.
+    """
 
     units: tuple[UnitTask, ...]
-    settings: FitSettings
-    solver: Solver
+    context: WorkerContext
     threads: int | None  # BLAS threads per worker, None to leave as found
+
+    @property
+    def pending(self) -> list[UnitTask]:
+        """The units of the chain that are still to fit."""
+        return [unit for unit in self.units if unit.status == PENDING]
 
 
 @dataclass(frozen=True)
 class UnitResult:
-    """A finished unit: its report entry, as written to its unit file."""
+    """What became of one unit: fitted, done by another process, or claimed by one.
+
+    ``entry`` is the report entry of the unit file; None when the unit is
+    claimed. ``provenance`` records the host, pid, task, run and times of the
+    fit, or the holder of the claim.
+    """
 
     checkpoint: str
     site: str
-    entry: dict[str, Any]
+    outcome: str
+    entry: dict[str, Any] | None
+    provenance: dict[str, Any] | None
 
 
 @dataclass
 class FitSummary:
     """The outcome of a :func:`fit_shards` run.
 
-    ``failed_units`` contains ``(checkpoint, site, error)`` for each failed
-    unit, and ``failed_checkpoints`` contains ``(checkpoint, error)`` for each
-    shard that could not be read.
+    ``failed_units`` contains ``(checkpoint, site, error)`` for each unit that
+    failed in this run, and ``failed_earlier`` for each failed unit that was
+    not refitted because it failed in an earlier run (see ``retry_failed``).
+    ``failed_checkpoints`` contains ``(checkpoint, error)`` for each shard
+    that could not be read. ``n_claimed`` counts units left to another process
+    that held their claim, and ``n_waiting`` the checkpoints whose report
+    waits for units of other tasks.
     """
 
     reports_dir: Path
@@ -193,6 +193,9 @@ class FitSummary:
     failed_units: list[tuple[str, str, str]]
     failed_checkpoints: list[tuple[str, str]]
     n_not_converged: int
+    n_claimed: int = 0
+    failed_earlier: list[tuple[str, str, str]] = field(default_factory=list)
+    n_waiting: int = 0
 
     @property
     def n_failed(self) -> int:
@@ -201,19 +204,34 @@ class FitSummary:
 
     @property
     def ok(self) -> bool:
-        """Whether every unit was fitted and every shard could be read."""
-        return not self.failed_units and not self.failed_checkpoints
+        """Whether every unit is fitted and every shard could be read."""
+        return not (self.failed_units or self.failed_checkpoints or self.failed_earlier)
 
 
 @dataclass
 class _Checkpoint:
-    """A readable shard and the report entries gathered for it."""
+    """A readable shard and the report entries gathered for it.
+
+    ``pending`` are the sites this run fits; ``elsewhere`` the sites that
+    other tasks or processes fit, read back from their unit files.
+    """
 
     info: ShardInfo
     split_sizes: dict[str, int]
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
     pending: set[str] = field(default_factory=set)
+    elsewhere: set[str] = field(default_factory=set)
     fitted_now: bool = False
+
+
+@dataclass
+class _Plan:
+    """The chains of this task and the counts of its units."""
+
+    chains: list[ChainTask]
+    n_units: int
+    n_current: int
+    failed_earlier: list[tuple[str, str, str]]
 
 
 def fit_shards(
@@ -232,6 +250,12 @@ def fit_shards(
     device: str = "cpu",
     force: bool = False,
     progress: bool = True,
+    shard: tuple[int, int] | None = None,
+    retry_failed: bool = False,
+    plugins: Sequence[str] = (),
+    hdf5_locking: str | None = None,
+    claim_timeout: float = DEFAULT_CLAIM_TIMEOUT,
+    task: str | None = None,
 ) -> FitSummary:
     """Fit a probe to every (checkpoint, site) unit of the shards in ``acts_dir``.
 
@@ -249,8 +273,10 @@ def fit_shards(
         Names or shell-style globs that select the probe sites and the
         checkpoints to fit. Default: all.
     n_jobs : int, default=-1
-        Units fitted in parallel; -1 uses every core. The joblib backend is the
-        one active in the caller's ``joblib.parallel_config``.
+        Units fitted in parallel; -1 uses every core, or every worker thread
+        of a Dask cluster. The joblib backend is the one active in the
+        caller's ``joblib.parallel_config``
+        (see :func:`probecvx.cluster.parallel_backend`).
     tol : float, optional
         The solver's tolerance; default the solver's own, else
         :data:`DEFAULT_TOL`.
@@ -268,6 +294,26 @@ def fit_shards(
         Refit units whose result is current.
     progress : bool, default=True
         Show a progress bar over units on stderr.
+    shard : tuple of (int, int), optional
+        ``(I, N)``: fit only the part of task ``I`` of ``N`` (``0 <= I < N``).
+        Every task computes the same partition, balanced by rows times
+        features; with warm starts a site's checkpoints stay together in
+        pieces. Default: every unit.
+    retry_failed : bool, default=False
+        Refit units that failed in an earlier run. By default they keep
+        their failed entry.
+    plugins : sequence of str, default=()
+        Modules (``PKG.MODULE``) imported here and in every worker before
+        fitting, such as one that registers a solver with
+        :func:`probecvx.solvers.register_solver`.
+    hdf5_locking : {"true", "false", "best-effort"}, optional
+        HDF5 file locking, see :func:`probecvx.cluster.hdf5_locking`.
+    claim_timeout : float, default=600
+        Seconds without a heartbeat after which another process's claim on a
+        unit counts as stale and is broken.
+    task : str, optional
+        Label of this task in unit files and logs; default the SLURM job and
+        array task ids, else ``I/N`` of ``shard``.
 
     Returns
     -------
@@ -288,79 +334,123 @@ def fit_shards(
     Notes
     -----
     A unit that fails (non-finite activations, a single class in the train
-    split, an unreadable site) is recorded with its error, and the other units
-    are still fitted. A shard that cannot be read is recorded in
-    ``index.json`` in the same way.
+    split, an unreadable site, a worker process that died) is recorded with
+    its error, and the other units are still fitted. A shard that cannot be
+    read is recorded in ``index.json`` in the same way.
     """
-    settings, solver_instance = _check_settings(
+    plugin_names = _import_plugins(plugins)
+    settings = _check_settings(
         solver, Cs, tol, max_iter, early_stopping, warm_start, device
     )
     n_workers = _check_n_jobs(n_jobs)
+    shard = check_shard(shard)
+    claim_timeout = check_claim_timeout(claim_timeout)
+    check_hdf5_locking(hdf5_locking)
     out_dir = Path(out_dir)
-
-    # Read every shard's attributes and targets; unreadable ones are recorded.
-    states, failed_shards = _read_shards(Path(acts_dir))
-    states, failed_shards = _select_checkpoints(states, failed_shards, checkpoints)
-    selected_sites = _select_sites(states, sites)
-
-    # Find the units to fit; the others are current and only reported.
-    out_dir.mkdir(parents=True, exist_ok=True)
-    remove_stale_temp_files(out_dir)
-    units = _plan_units(states, selected_sites, settings, out_dir, force)
-    n_units = sum(
-        len(selected_sites.intersection(s.info.sites)) for s in states.values()
-    )
-    logger.info(
-        "%d units selected in %s: %d to fit, %d current",
-        n_units,
-        acts_dir,
-        len(units),
-        n_units - len(units),
+    if task is None:
+        task = slurm_task_label()
+    if task is None and shard is not None:
+        task = f"{shard[0]}/{shard[1]}"
+    context = WorkerContext(
+        settings=settings,
+        owner=Owner.new_run(task),
+        claim_timeout=claim_timeout,
+        force=bool(force),
+        retry_failed=bool(retry_failed),
+        plugins=plugin_names,
+        hdf5_locking=hdf5_locking,
     )
 
-    # Report the checkpoints with nothing to fit, and the unreadable shards.
-    run = _Run(states, settings, out_dir, reports.ReportIndex.load(out_dir))
-    for name, path, error in failed_shards:
-        run.index.set_failed(name, path, error)
-    for state in states.values():
-        if not state.pending:
-            run.finish_checkpoint(state)
-    run.index.write(out_dir)
+    with cluster.hdf5_locking(hdf5_locking):
+        # Read every shard's attributes and targets; unreadable ones are recorded.
+        states, failed_shards = _read_shards(Path(acts_dir))
+        states, failed_shards = _select_checkpoints(states, failed_shards, checkpoints)
+        selected_sites = _select_sites(states, sites)
 
-    # Fit; each result is recorded as it arrives, in any order.
-    chains = _make_chains(units, settings, solver_instance, n_workers)
-    with tqdm(
-        total=len(units),
-        unit="probe",
-        desc="fit",
-        disable=not progress,
-        file=sys.stderr,
-    ) as bar:
-        for results in _run_chains(chains, n_jobs):
-            for result in results:
-                run.record(result)
-                bar.update(1)
+        # Plan every selected unit, then keep this task's part of them.
+        out_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_files(out_dir)
+        _write_plan_file(out_dir, Path(acts_dir), sites, checkpoints, context)
+        plan = _plan(states, selected_sites, context, out_dir, shard, n_workers)
+        logger.info(
+            "%d units for run %s of %s in %s: %d to fit, %d current%s",
+            plan.n_units,
+            context.owner.run,
+            context.owner.label(),
+            acts_dir,
+            plan.n_units - plan.n_current,
+            plan.n_current,
+            "" if shard is None else f" (task shard {shard[0]}/{shard[1]})",
+        )
+
+        # Report the checkpoints with nothing to fit, and the unreadable shards.
+        run = _Run(states, out_dir, context)
+        run.start(failed_shards)
+
+        # Fit; each result is recorded as it arrives, in any order.
+        n_pending = sum(len(chain.pending) for chain in plan.chains)
+        with tqdm(
+            total=n_pending,
+            unit="probe",
+            desc="fit",
+            disable=not progress,
+            file=sys.stderr,
+        ) as bar:
+            run.on_result = bar.update
+            _execute(plan.chains, n_jobs, run)
+        run.finish_waiting()
 
     summary = FitSummary(
         reports_dir=out_dir,
         index_path=out_dir / reports.INDEX_NAME,
         reports_written=run.reports_written,
-        n_units=n_units,
-        n_fitted=len(units),
-        n_skipped=n_units - len(units),
+        n_units=plan.n_units,
+        n_fitted=run.n_fitted,
+        n_skipped=plan.n_current + run.n_done_elsewhere,
         failed_units=run.failed_units,
         failed_checkpoints=[(name, error) for name, _, error in failed_shards],
         n_not_converged=run.n_not_converged,
+        n_claimed=run.n_claimed,
+        failed_earlier=plan.failed_earlier + run.failed_elsewhere,
+        n_waiting=run.n_waiting,
     )
     _warn_not_converged(summary, settings)
     logger.info(
-        "fit finished: %d fitted, %d current, %d failed, %d shards unreadable",
+        "fit finished: %d fitted, %d current, %d failed, %d left to other "
+        "processes, %d shards unreadable",
         summary.n_fitted,
         summary.n_skipped,
         summary.n_failed,
+        summary.n_claimed,
         len(summary.failed_checkpoints),
     )
     return summary
+
+
+def unit_path(out_dir: Path, checkpoint: str, site: str) -> Path:
+    """Return the file of one unit's result; names are %-escaped to be file names."""
+    folder = Path(out_dir) / UNITS_DIR / quote(checkpoint, safe="")
+    return folder / f"{quote(site, safe='')}.json"
+
+
+def read_unit_file(path: Path) -> dict[str, Any] | None:
+    """Return a unit file's content, or None when it is missing or unreadable."""
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as err:
+        logger.warning("ignoring unreadable unit file %s (%s); refitting it", path, err)
+        return None
+    if not isinstance(doc, dict) or not isinstance(doc.get("entry"), dict):
+        logger.warning("ignoring malformed unit file %s; refitting it", path)
+        return None
+    return doc
+
+
+def is_current(doc: dict[str, Any], shard_id: str, settings_hash: str) -> bool:
+    """Return whether unit file ``doc`` was written for this shard and settings."""
+    return doc.get("shard_id") == shard_id and doc.get("settings_hash") == settings_hash
 
 
 # --- Validation at the public entry ---------------------------------------------
@@ -374,9 +464,13 @@ def _check_settings(
     early_stopping: bool,
     warm_start: bool,
     device: str,
-) -> tuple[FitSettings, Solver]:
-    """Validate the fit settings once, fill in defaults, and make the solver."""
-    instance = _make_solver(solver, _check_device(device))
+) -> FitSettings:
+    """Validate the fit settings once and fill in defaults.
+
+    The solver is made once here to check its name and device; workers make
+    their own from the name.
+    """
+    _make_solver(solver, _check_device(device))
     grid = _check_grid(DEFAULT_CS if Cs is None else Cs)
 
     if tol is None:
@@ -397,7 +491,7 @@ def _check_settings(
         warm_start=bool(warm_start),
         device=device,
     )
-    return settings, instance
+    return settings
 
 
 def _is_positive_number(value: object) -> bool:
@@ -459,6 +553,23 @@ def _make_solver(name: str, device: str) -> Solver:
     return solver
 
 
+def _import_plugins(plugins: Sequence[str]) -> tuple[str, ...]:
+    """Import the plugin modules named ``PKG.MODULE``; return their names."""
+    if isinstance(plugins, str):
+        raise TypeError("plugins must be a sequence of module names, not one string")
+    names = tuple(str(name).strip() for name in plugins)
+    for name in names:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise InvalidInputError(
+                f"cannot import plugin module {name!r} ({type(err).__name__}: "
+                f"{err}); give a PKG.MODULE importable here and on every worker, "
+                "for example by adding its folder to PYTHONPATH"
+            ) from err
+    return names
+
+
 def _check_n_jobs(n_jobs: int) -> int:
     """Return the number of workers that ``n_jobs`` gives under the active backend."""
     if isinstance(n_jobs, bool) or not isinstance(n_jobs, int) or n_jobs == 0:
@@ -507,8 +618,9 @@ def _read_shards(
             labels, split, _ = read_targets(path)
             _check_targets(path, labels, split, len(info.class_names))
         except ShardError as err:
-            logger.warning("skipping shard %s: %s", path, err)
-            failed.append((path.stem, str(path), str(err)))
+            message = explain_lock_error(str(err))
+            logger.warning("skipping shard %s: %s", path, message)
+            failed.append((path.stem, str(path), message))
             continue
         counts = np.bincount(split, minlength=len(SPLIT_NAMES))
         sizes = {name: int(counts[code]) for code, name in enumerate(SPLIT_NAMES)}
@@ -610,44 +722,124 @@ def _check_targets(
 
 # --- Planning: which units to fit ---------------------------------------------------
 
+# --- Planning: which units this task fits ---------------------------------------------
 
-def _unit_path(out_dir: Path, checkpoint: str, site: str) -> Path:
-    """Return the file of one unit's result; names are %-escaped to be file names."""
-    folder = out_dir / UNITS_DIR / quote(checkpoint, safe="")
-    return folder / f"{quote(site, safe='')}.json"
+
+def _write_plan_file(
+    out_dir: Path,
+    acts_dir: Path,
+    sites: Sequence[str] | None,
+    checkpoints: Sequence[str] | None,
+    context: WorkerContext,
+) -> None:
+    """Record the selection and settings of this run for ``probecvx status``."""
+    doc = {
+        "format": PLAN_FORMAT,
+        "acts_dir": str(acts_dir.resolve()),
+        "sites": None if sites is None else list(sites),
+        "checkpoints": None if checkpoints is None else list(checkpoints),
+        "fit": context.settings.record(),
+        "updated": utc_now(),
+        "by": context.owner.record(),
+    }
+    folder = out_dir / UNITS_DIR
+    folder.mkdir(exist_ok=True)
+    write_text_atomic(folder / PLAN_NAME, json.dumps(doc, indent=1) + "\n")
+
+
+def _plan(
+    states: dict[str, _Checkpoint],
+    selected_sites: set[str],
+    context: WorkerContext,
+    out_dir: Path,
+    shard: tuple[int, int] | None,
+    n_workers: int,
+) -> _Plan:
+    """Cut every selected unit into segments, keep this task's, and make chains.
+
+    The segments depend only on the selected units and the number of tasks,
+    never on which units are done, so every task of an array, and a re-run,
+    computes the same ones.
+    """
+    units = _plan_units(states, selected_sites, context, out_dir)
+    n_tasks = 1 if shard is None else shard[1]
+    segments = _segments(units, context.settings.warm_start, n_tasks)
+    mine = [
+        segments[i]
+        for i in items_of_shard([_cost(segment) for segment in segments], shard)
+    ]
+    my_units = {(u.checkpoint, u.site) for segment in mine for u in segment}
+
+    failed_earlier = []
+    n_current = 0
+    for unit in units:
+        state = states[unit.checkpoint]
+        if (unit.checkpoint, unit.site) not in my_units:
+            if unit.status == PENDING:
+                state.elsewhere.add(unit.site)
+            continue
+        if unit.status == PENDING:
+            state.pending.add(unit.site)
+            continue
+        n_current += 1
+        if unit.status == DONE_FAILED:
+            entry = state.entries[unit.site]
+            failed_earlier.append((unit.checkpoint, unit.site, entry["error"]))
+    if failed_earlier:
+        logger.warning(
+            "%d probes failed in an earlier run and are not refitted; pass "
+            "--retry-failed to refit them",
+            len(failed_earlier),
+        )
+
+    threads = _threads_per_worker(n_workers)
+    chains = _make_chains(mine, context, n_workers, threads)
+    return _Plan(chains, len(my_units), n_current, failed_earlier)
 
 
 def _plan_units(
     states: dict[str, _Checkpoint],
     selected_sites: set[str],
-    settings: FitSettings,
+    context: WorkerContext,
     out_dir: Path,
-    force: bool,
 ) -> list[UnitTask]:
-    """Return the units to fit, in checkpoint order, and load the current ones.
+    """Return every selected unit in checkpoint order, marked pending or done.
 
     Each checkpoint's current entries go to ``state.entries``, including those
     of sites outside the selection, so that its report keeps them.
     """
-    settings_hash = settings.settings_hash()
+    settings_hash = context.settings.settings_hash()
     units: list[UnitTask] = []
     for name, state in states.items():
         info = state.info
-        units_folder = _unit_path(out_dir, name, "-").parent
+        units_folder = unit_path(out_dir, name, "-").parent
         if units_folder.is_dir():
             remove_stale_temp_files(units_folder)
         current = _current_entries(out_dir, info, settings_hash)
 
         for order, site in enumerate(info.sites):
-            if site in selected_sites and (force or site not in current):
-                units.append(_unit_task(info, site, order, out_dir))
-                state.pending.add(site)
-            elif site in current:
-                state.entries[site] = current[site]
+            entry = current.get(site)
+            if site in selected_sites:
+                status = _planned_status(entry, context)
+                units.append(_unit_task(info, site, order, out_dir, status))
+                if status != PENDING and entry is not None:
+                    state.entries[site] = entry
+            elif entry is not None:
+                state.entries[site] = entry
     return units
 
 
-def _unit_task(info: ShardInfo, site: str, order: int, out_dir: Path) -> UnitTask:
+def _planned_status(entry: dict[str, Any] | None, context: WorkerContext) -> str:
+    if entry is None or context.force:
+        return PENDING
+    if entry["status"] == "ok":
+        return DONE_OK
+    return PENDING if context.retry_failed else DONE_FAILED
+
+
+def _unit_task(
+    info: ShardInfo, site: str, order: int, out_dir: Path, status: str
+) -> UnitTask:
     attrs = info.site_attrs[site]
     module_type = attrs.get("module_type")
     return UnitTask(
@@ -660,15 +852,17 @@ def _unit_task(info: ShardInfo, site: str, order: int, out_dir: Path) -> UnitTas
         overflow_count=int(attrs.get("overflow_count", 0)),
         n_classes=len(info.class_names),
         class_names=tuple(info.class_names),
-        unit_path=_unit_path(out_dir, info.checkpoint_name, site),
+        unit_path=unit_path(out_dir, info.checkpoint_name, site),
         shard_id=info.shard_id,
+        n_samples=info.n_samples,
+        status=status,
     )
 
 
 def _current_entries(
     out_dir: Path, info: ShardInfo, settings_hash: str
 ) -> dict[str, dict[str, Any]]:
-    """Return the successful entries of ``info``'s sites fitted with these settings.
+    """Return the entries of ``info``'s sites fitted with these settings, failed too.
 
     A unit file written for the same shard id and settings decides its site.
     For a site without such a file, the existing report's entry is used if
@@ -686,91 +880,379 @@ def _current_entries(
                 doc["shard"]["shard_id"] == info.shard_id
                 and doc["fit"]["settings_hash"] == settings_hash
             ):
-                entries = {e["site"]: e for e in doc["sites"] if e["status"] == "ok"}
+                entries = {entry["site"]: entry for entry in doc["sites"]}
 
     for site in info.sites:
-        unit = _read_unit_file(_unit_path(out_dir, info.checkpoint_name, site))
-        if (
-            unit is None
-            or unit.get("shard_id") != info.shard_id
-            or unit.get("settings_hash") != settings_hash
-        ):
-            continue
-        entries.pop(site, None)
-        if unit["entry"]["status"] == "ok":
+        unit = read_unit_file(unit_path(out_dir, info.checkpoint_name, site))
+        if unit is not None and is_current(unit, info.shard_id, settings_hash):
             entries[site] = unit["entry"]
     return {site: entry for site, entry in entries.items() if site in info.sites}
 
 
-def _read_unit_file(path: Path) -> dict[str, Any] | None:
-    """Return a unit file's content, or None when it is missing or unreadable."""
+def _cost(units: Sequence[UnitTask]) -> float:
+    return sum(unit.cost for unit in units)
+
+
+def _segments(
+    units: Sequence[UnitTask], warm_start: bool, n_tasks: int
+) -> list[tuple[UnitTask, ...]]:
+    """Cut the units into the segments that tasks are given whole.
+
+    Without warm starts every unit is a segment. With them, each site's units
+    in checkpoint order are cut into as few contiguous segments as keep each
+    one near ``1/n_tasks`` of the total cost, because the first unit of a
+    segment starts cold.
+    """
+    if not warm_start:
+        return [(unit,) for unit in units]
+    by_site: dict[str, list[UnitTask]] = {}
+    for unit in units:
+        by_site.setdefault(unit.site, []).append(unit)
+    target = _cost(units) / n_tasks
+    segments = []
+    for site_units in by_site.values():
+        n_pieces = 1
+        if n_tasks > 1 and target > 0:
+            wanted = math.ceil(_cost(site_units) / target - 1e-9)
+            n_pieces = min(len(site_units), max(1, wanted))
+        for part in np.array_split(np.arange(len(site_units)), n_pieces):
+            segments.append(tuple(site_units[i] for i in part))
+    return segments
+
+
+def _threads_per_worker(n_workers: int) -> int | None:
+    """Return BLAS threads per local worker; None on Dask or with one worker."""
+    if n_workers == 1 or active_dask_client() is not None:
+        return None
+    return max(1, joblib.cpu_count() // n_workers)
+
+
+def _make_chains(
+    segments: Sequence[tuple[UnitTask, ...]],
+    context: WorkerContext,
+    n_workers: int,
+    threads: int | None,
+) -> list[ChainTask]:
+    """Cut this task's segments into chains, so that every worker has work.
+
+    With warm starts each segment is cut into as few contiguous chains as
+    keep every worker busy; without them every unit is a chain. The cut
+    depends only on the segments and the number of workers, so a re-run
+    cuts the same chains. Chains with nothing to fit are left out; the
+    others are sorted by the cost left, largest first.
+    """
+    per_segment = 1
+    if context.settings.warm_start and segments:
+        per_segment = max(1, math.ceil(n_workers / len(segments)))
+    chains = []
+    for segment in segments:
+        n_pieces = min(per_segment, len(segment))
+        for part in np.array_split(np.arange(len(segment)), n_pieces):
+            chain = ChainTask(tuple(segment[i] for i in part), context, threads)
+            if chain.pending:
+                chains.append(chain)
+    chains.sort(key=lambda chain: -_cost(chain.pending))
+    return chains
+
+
+# --- Execution: chains on the backend, and workers that die ---------------------------
+
+
+def _execute(chains: Sequence[ChainTask], n_jobs: int, run: _Run) -> None:
+    """Run ``chains`` and record every unit, isolating units whose worker died.
+
+    When a worker process dies (killed for memory, say), the units it had
+    claimed are suspects. Each suspect then runs alone, so that a second
+    death names its unit, which is recorded as failed; the rest of its chain
+    runs again, skipping what was committed. Every round either settles a
+    suspect or ends, so the loop ends.
+    """
+    queue = list(chains)
+    suspects: list[ChainTask] = []
+    while queue or suspects:
+        for suspect in suspects:
+            for outcome in run_tasks(_fit_chain, [suspect], n_jobs):
+                if outcome.error is None:
+                    run.record_all(outcome.result)
+                else:
+                    run.record_worker_death(suspect.pending[0], outcome.error)
+        suspects = []
+
+        retry: list[ChainTask] = []
+        death: BaseException | None = None
+        for outcome in run_tasks(_fit_chain, queue, n_jobs):
+            chain = queue[outcome.index]
+            if outcome.error is None:
+                run.record_all(outcome.result)
+                continue
+            death = outcome.error
+            committed, in_flight = _triage(chain)
+            run.record_all(committed)
+            suspects.extend(replace(chain, units=(unit,)) for unit in in_flight)
+            rest = _without(chain, committed, in_flight)
+            if rest.pending:
+                retry.append(rest)
+
+        if death is not None and not suspects:
+            # A worker died while no unit was in flight, so no unit can be
+            # blamed and a retry could die the same way.
+            for chain in retry:
+                for unit in chain.pending:
+                    run.record_worker_death(unit, death)
+            retry = []
+        queue = retry
+
+
+def _triage(chain: ChainTask) -> tuple[list[UnitResult], list[UnitTask]]:
+    """Split a chain whose worker died: units it committed, and units in flight.
+
+    A unit is in flight when its claim belongs to this run: the dead worker
+    took it and did not commit it.
+    """
+    context = chain.context
+    settings_hash = context.settings.settings_hash()
+    committed, in_flight = [], []
+    for unit in chain.pending:
+        result = _committed_result(unit, context, settings_hash)
+        if result is not None:
+            committed.append(result)
+            continue
+        record = read_claim(claim_path(unit.unit_path))
+        if record is not None and record.owner.run == context.owner.run:
+            in_flight.append(unit)
+    return committed, in_flight
+
+
+def _without(
+    chain: ChainTask, committed: Sequence[UnitResult], in_flight: Sequence[UnitTask]
+) -> ChainTask:
+    """Return ``chain`` with committed units marked done and in-flight ones left out."""
+    done = {
+        result.site: DONE_OK if _entry_ok(result.entry) else DONE_FAILED
+        for result in committed
+    }
+    left_out = {unit.site for unit in in_flight}
+    units = []
+    for unit in chain.units:
+        if unit.status == PENDING and unit.site in done:
+            unit = replace(unit, status=done[unit.site])
+        elif unit.status == PENDING and unit.site in left_out:
+            unit = replace(unit, status=DONE_FAILED)
+        units.append(unit)
+    return replace(chain, units=tuple(units))
+
+
+def _entry_ok(entry: dict[str, Any] | None) -> bool:
+    return entry is not None and entry["status"] == "ok"
+
+
+# --- Workers: one chain, one unit -----------------------------------------------------
+
+
+class _WarmStart:
+    """The solution that the next unit of a chain starts from, loaded lazily."""
+
+    def __init__(self, enabled: bool, settings_hash: str) -> None:
+        self.enabled = enabled
+        self.settings_hash = settings_hash
+        self.solution: tuple[np.ndarray, np.ndarray] | None = None
+        self.source: UnitTask | None = None
+
+    def set(self, solution: tuple[np.ndarray, np.ndarray]) -> None:
+        self.solution, self.source = solution, None
+
+    def from_file(self, unit: UnitTask) -> None:
+        """Start the next unit from ``unit``'s saved solution, read when needed."""
+        self.solution, self.source = None, unit
+
+    def get(self) -> tuple[np.ndarray, np.ndarray] | None:
+        if not self.enabled:
+            return None
+        if self.solution is None and self.source is not None:
+            self.solution = _read_solution(self.source, self.settings_hash)
+            self.source = None
+        return self.solution
+
+
+def _fit_chain(chain: ChainTask) -> list[UnitResult]:
+    """Fit a chain's pending units in order, warm-starting each from the last success.
+
+    Each unit is claimed first and skipped when another process holds it or
+    has committed it. Its result is committed to its unit file before the
+    next unit starts.
+    """
+    context = chain.context
+    for name in context.plugins:
+        _import_in_worker(name)
+    solver = _worker_solver(context.settings)
+    owner = context.owner.here()
+    settings_hash = context.settings.settings_hash()
+    warm = _WarmStart(context.settings.warm_start, settings_hash)
+    results = []
+    with (
+        _limit_threads(chain.threads),
+        cluster.hdf5_locking(context.hdf5_locking, log=False),
+    ):
+        for unit in chain.units:
+            if unit.status == DONE_OK:
+                warm.from_file(unit)
+            if unit.status != PENDING:
+                continue
+            result, solution = _claim_and_fit(unit, context, solver, owner, warm)
+            results.append(result)
+            if solution is not None:
+                warm.set(solution)
+            elif result.outcome == DONE_ELSEWHERE and _entry_ok(result.entry):
+                warm.from_file(unit)
+    return results
+
+
+def _claim_and_fit(
+    unit: UnitTask,
+    context: WorkerContext,
+    solver: Solver,
+    owner: Owner,
+    warm: _WarmStart,
+) -> tuple[UnitResult, tuple[np.ndarray, np.ndarray] | None]:
+    """Claim ``unit``, fit it and commit it; or skip it if another process has it."""
+    settings_hash = context.settings.settings_hash()
+    done = _committed_result(unit, context, settings_hash)
+    if done is not None:
+        return done, None
+    unit.unit_path.parent.mkdir(parents=True, exist_ok=True)
+    held = try_claim(claim_path(unit.unit_path), owner, timeout=context.claim_timeout)
+    if not isinstance(held, Claim):
+        holder = {**held.owner.record(), "started": held.started}
+        return UnitResult(unit.checkpoint, unit.site, CLAIMED, None, holder), None
+
+    with held:
+        # Another process may have committed the unit just before the claim.
+        done = _committed_result(unit, context, settings_hash)
+        if done is not None:
+            return done, None
+        started = utc_now()
+        entry, solution = _fit_unit_safely(unit, context.settings, solver, warm)
+        provenance = {**owner.record(), "started": started, "finished": utc_now()}
+        if solution is not None and context.settings.warm_start:
+            _write_solution(unit, solution, settings_hash)
+        _write_unit_file(unit, settings_hash, entry, provenance)
+    return UnitResult(unit.checkpoint, unit.site, FITTED, entry, provenance), solution
+
+
+def _fit_unit_safely(
+    unit: UnitTask, settings: FitSettings, solver: Solver, warm: _WarmStart
+) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
+    """Run :func:`probecvx.probe.fit_unit`, recording any error in the entry.
+
+    fit_unit records the errors that belong to a unit's data. Any other
+    exception (a solver bug, say) is recorded too, with its traceback in the
+    log, so that one unit cannot stop the other units of a batch job.
+    """
     try:
-        doc = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as err:
-        logger.warning("ignoring unreadable unit file %s (%s); refitting it", path, err)
-        return None
-    if not isinstance(doc, dict) or not isinstance(doc.get("entry"), dict):
-        logger.warning("ignoring malformed unit file %s; refitting it", path)
-        return None
-    return doc
+        entry, solution = fit_unit(unit, settings, solver, warm.get())
+    except Exception as err:
+        logger.exception("probe %s at %s raised", unit.site, unit.checkpoint)
+        entry, solution = new_entry(unit), None
+        entry["error"] = error_text(err)
+    if entry["error"] is not None:
+        entry["error"] = explain_lock_error(entry["error"])
+    return entry, solution
 
 
-def _write_unit_file(unit: UnitTask, settings_hash: str, entry: dict[str, Any]) -> None:
+def _committed_result(
+    unit: UnitTask, context: WorkerContext, settings_hash: str
+) -> UnitResult | None:
+    """Return the unit's committed result if it counts as done for this run.
+
+    A current unit file counts, unless this run refits it: with ``force``
+    every unit is refitted once, and with ``retry_failed`` every failed unit,
+    so only files that this run wrote count then.
+    """
+    doc = read_unit_file(unit.unit_path)
+    if doc is None or not is_current(doc, unit.shard_id, settings_hash):
+        return None
+    provenance = doc.get("provenance")
+    this_run = isinstance(provenance, dict) and provenance.get("run") == (
+        context.owner.run
+    )
+    entry = doc["entry"]
+    refit = context.force or (context.retry_failed and not _entry_ok(entry))
+    if refit and not this_run:
+        return None
+    outcome = FITTED if this_run else DONE_ELSEWHERE
+    return UnitResult(unit.checkpoint, unit.site, outcome, entry, provenance)
+
+
+def _write_unit_file(
+    unit: UnitTask,
+    settings_hash: str,
+    entry: dict[str, Any],
+    provenance: dict[str, Any],
+) -> None:
     doc = {
         "shard_id": unit.shard_id,
         "settings_hash": settings_hash,
         "checkpoint": unit.checkpoint,
         "site": unit.site,
+        "provenance": provenance,
         "entry": entry,
     }
     unit.unit_path.parent.mkdir(parents=True, exist_ok=True)
     write_text_atomic(unit.unit_path, json.dumps(doc, allow_nan=False) + "\n")
 
 
-# --- Scheduling ----------------------------------------------------------------------
+def _write_solution(
+    unit: UnitTask, solution: tuple[np.ndarray, np.ndarray], settings_hash: str
+) -> None:
+    """Save a unit's chosen (coef, intercept), so that a re-run can warm-start."""
+    coef, intercept = solution
+    with atomic_path(unit.solution_path) as temp, open(temp, "wb") as handle:
+        np.savez(
+            handle,
+            coef=coef,
+            intercept=intercept,
+            shard_id=np.str_(unit.shard_id),
+            settings_hash=np.str_(settings_hash),
+        )
 
 
-def _make_chains(
-    units: Sequence[UnitTask], settings: FitSettings, solver: Solver, n_workers: int
-) -> list[ChainTask]:
-    """Group units into chains: one site's checkpoints in order, fitted in turn.
-
-    With warm starts, each site's units are cut into as few contiguous chains
-    as keep every worker busy, because the first unit of a chain starts cold.
-    Without them every unit is its own chain. The cut depends only on the
-    units and the number of workers.
-    """
-    cores = joblib.cpu_count()
-    threads = None if n_workers == 1 else max(1, cores // n_workers)
-    if not settings.warm_start:
-        return [ChainTask((unit,), settings, solver, threads) for unit in units]
-
-    by_site: dict[str, list[UnitTask]] = {}
-    for unit in units:
-        by_site.setdefault(unit.site, []).append(unit)
-    per_site = max(1, math.ceil(n_workers / max(1, len(by_site))))
-    chains = []
-    for site_units in by_site.values():
-        n_chains = min(per_site, len(site_units))
-        for part in np.array_split(np.arange(len(site_units)), n_chains):
-            chain = tuple(site_units[i] for i in part)
-            chains.append(ChainTask(chain, settings, solver, threads))
-    return chains
-
-
-def _run_chains(chains: Sequence[ChainTask], n_jobs: int) -> Iterator[list[UnitResult]]:
-    """Fit ``chains`` in parallel, yielding each chain's results as it finishes."""
-    if not chains:
-        return
+def _read_solution(
+    unit: UnitTask, settings_hash: str
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """Return the solution saved for ``unit``; None when missing or from other data."""
     try:
-        parallel = joblib.Parallel(n_jobs=n_jobs, return_as="generator_unordered")
-    except ValueError:
-        # The backend cannot return results as they arrive (multiprocessing), so
-        # they come at the end; workers still commit every unit file at once.
-        parallel = joblib.Parallel(n_jobs=n_jobs)
-    yield from parallel(joblib.delayed(_fit_chain)(chain) for chain in chains)
+        with np.load(unit.solution_path, allow_pickle=False) as data:
+            if (
+                str(data["shard_id"]) != unit.shard_id
+                or str(data["settings_hash"]) != settings_hash
+            ):
+                return None
+            return np.array(data["coef"]), np.array(data["intercept"])
+    except FileNotFoundError:
+        logger.debug("no solution saved for %s; the next unit starts cold", unit.site)
+    except (OSError, ValueError, KeyError) as err:
+        logger.warning(
+            "cannot read %s (%s); the next unit starts cold", unit.solution_path, err
+        )
+    return None
+
+
+def _worker_solver(settings: FitSettings) -> Solver:
+    """Make the solver in a worker; the driver validated its name and device."""
+    solver = get_solver(settings.solver)
+    if settings.device != "cpu":
+        solver.device = settings.device  # type: ignore[attr-defined]
+    return solver
+
+
+def _import_in_worker(name: str) -> None:
+    try:
+        importlib.import_module(name)
+    except ImportError as err:
+        raise ProbecvxError(
+            f"cannot import plugin module {name!r} in the worker process "
+            f"{os.getpid()} ({err}); install it where the workers run"
+        ) from err
 
 
 @contextlib.contextmanager
@@ -791,50 +1273,170 @@ def _limit_threads(threads: int | None) -> Iterator[None]:
                 torch.set_num_threads(previous)
 
 
+# --- Bookkeeping: results in, reports and index out -----------------------------------
+
+
 class _Run:
     """The bookkeeping of one fit run: results in, reports and index out."""
 
     def __init__(
-        self,
-        states: dict[str, _Checkpoint],
-        settings: FitSettings,
-        out_dir: Path,
-        index: reports.ReportIndex,
+        self, states: dict[str, _Checkpoint], out_dir: Path, context: WorkerContext
     ) -> None:
         self.states = states
-        self.settings = settings
         self.out_dir = out_dir
-        self.index = index
+        self.context = context
+        self.settings_hash = context.settings.settings_hash()
+        self.index = reports.ReportIndex()
+        self.index_changed: set[str] = set()
+        self.recorded: set[tuple[str, str]] = set()
         self.reports_written: list[Path] = []
         self.failed_units: list[tuple[str, str, str]] = []
+        self.failed_elsewhere: list[tuple[str, str, str]] = []
         self.n_not_converged = 0
+        self.n_fitted = 0
+        self.n_done_elsewhere = 0
+        self.n_claimed = 0
+        self.n_waiting = 0
+        self.on_result: Callable[[int], object] = lambda n: None
+
+    def start(self, failed_shards: Sequence[tuple[str, str, str]]) -> None:
+        """Record unreadable shards and write the reports that need no fitting."""
+        for name, path, error in failed_shards:
+            self.index.set_failed(name, path, error)
+            self.index_changed.add(name)
+        for state in self.states.values():
+            if not state.pending:
+                self._finish_if_complete(state, write_index=False)
+        self.write_index(rebuild=True)
+
+    def record_all(self, results: Sequence[UnitResult]) -> None:
+        for result in results:
+            self.record(result)
 
     def record(self, result: UnitResult) -> None:
-        """Take one finished unit; write its checkpoint's report if it was the last."""
+        """Take one unit's outcome; write its checkpoint's report if it was the last."""
+        key = (result.checkpoint, result.site)
+        if key in self.recorded:
+            return  # read back from its unit file after a worker died
+        self.recorded.add(key)
+        self.on_result(1)
+        state = self.states[result.checkpoint]
+        state.pending.discard(result.site)
+
+        if result.outcome == CLAIMED:
+            self.n_claimed += 1
+            state.elsewhere.add(result.site)
+            logger.info(
+                "probe %s at %s is claimed by %s; left to it",
+                result.site,
+                result.checkpoint,
+                _where(result.provenance),
+            )
+        else:
+            self._count(result)
+            assert result.entry is not None
+            state.entries[result.site] = result.entry
+            state.fitted_now = state.fitted_now or result.outcome == FITTED
+        if not state.pending:
+            self._finish_if_complete(state, write_index=True)
+
+    def record_worker_death(self, unit: UnitTask, error: BaseException) -> None:
+        """Commit a failed entry for a unit whose worker died while fitting it."""
+        reason = " ".join(str(error).split())[:300]
+        entry = new_entry(unit)
+        entry["error"] = (
+            f"the worker process died while fitting this probe "
+            f"({type(error).__name__}: {reason}); it may have run out of memory, so "
+            "give each worker more memory or lower --jobs, then re-run with "
+            "--retry-failed"
+        )
+        owner = self.context.owner
+        provenance = {**owner.record(), "started": utc_now(), "finished": utc_now()}
+        _write_unit_file(unit, self.settings_hash, entry, provenance)
+        record = read_claim(claim_path(unit.unit_path))
+        if record is not None and record.owner.run == owner.run:
+            break_claim(record)
+        self.record(UnitResult(unit.checkpoint, unit.site, FITTED, entry, provenance))
+
+    def finish_waiting(self) -> None:
+        """Write the reports whose last units other processes committed meanwhile."""
+        for state in self.states.values():
+            if not state.pending and state.elsewhere:
+                self._finish_if_complete(state, write_index=True)
+        waiting = [n for n, s in self.states.items() if s.pending or s.elsewhere]
+        self.n_waiting = len(waiting)
+        if waiting:
+            logger.info(
+                "%d checkpoints wait for units of other tasks or processes (first: "
+                "%s); the process that commits their last unit writes their report",
+                len(waiting),
+                waiting[0],
+            )
+
+    def write_index(self, rebuild: bool = False) -> None:
+        """Merge this run's index entries into ``index.json`` under a lock.
+
+        Other tasks may update the index at the same time, so the file is read
+        again under the lock and only this run's entries are replaced.
+        ``rebuild`` rebuilds the rest from the report files, once per run.
+        """
+        lock = self.out_dir / UNITS_DIR / _INDEX_LOCK
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        owner = self.context.owner
+        with exclusive(lock, owner, timeout=self.context.claim_timeout):
+            base = (
+                reports.ReportIndex.load(self.out_dir)
+                if rebuild
+                else _read_index(self.out_dir)
+            )
+            for name in self.index_changed:
+                base.entries[name] = self.index.entries[name]
+            base.write(self.out_dir)
+
+    def _count(self, result: UnitResult) -> None:
         entry = result.entry
+        assert entry is not None
         _log_unit(result)
-        if entry["status"] == "failed":
-            self.failed_units.append((result.checkpoint, result.site, entry["error"]))
+        failed = entry["status"] == "failed"
+        error = (result.checkpoint, result.site, entry["error"])
+        if result.outcome == DONE_ELSEWHERE:
+            self.n_done_elsewhere += 1
+            if failed:
+                self.failed_elsewhere.append(error)
+            return
+        self.n_fitted += 1
+        if failed:
+            self.failed_units.append(error)
         elif not entry["solver"]["converged"]:
             self.n_not_converged += 1
 
-        state = self.states[result.checkpoint]
-        state.entries[result.site] = entry
-        state.pending.discard(result.site)
-        state.fitted_now = True
-        if not state.pending:
-            self.finish_checkpoint(state)
-            self.index.write(self.out_dir)
+    def _finish_if_complete(self, state: _Checkpoint, *, write_index: bool) -> None:
+        """Write the checkpoint's report once every site has a current entry."""
+        for site in sorted(state.elsewhere):
+            path = unit_path(self.out_dir, state.info.checkpoint_name, site)
+            doc = read_unit_file(path)
+            if doc is not None and is_current(
+                doc, state.info.shard_id, self.settings_hash
+            ):
+                state.entries[site] = doc["entry"]
+                state.elsewhere.discard(site)
+        if state.pending or state.elsewhere:
+            return
+        self._write_report(state)
+        if write_index:
+            self.write_index()
 
-    def finish_checkpoint(self, state: _Checkpoint) -> None:
+    def _write_report(self, state: _Checkpoint) -> None:
         """Write the report of a checkpoint whose units are all done, if it changed."""
         if not state.entries:
             return
-        path = reports.report_path(self.out_dir, state.info.checkpoint_name)
+        name = state.info.checkpoint_name
+        path = reports.report_path(self.out_dir, name)
         entries = [state.entries[s] for s in state.info.sites if s in state.entries]
         doc = reports.build_report(
-            state.info, state.split_sizes, entries, self.settings.record()
+            state.info, state.split_sizes, entries, self.context.settings.record()
         )
+        self.index_changed.add(name)
         if not state.fitted_now and reports.same_report(path, doc):
             self.index.set_report(doc, path)
             return
@@ -844,18 +1446,52 @@ class _Run:
         logger.info("wrote report %s (%s)", path, doc["status"])
 
 
+def _read_index(out_dir: Path) -> reports.ReportIndex:
+    """Return the entries of ``index.json``, or rebuild them if it is unreadable."""
+    path = out_dir / reports.INDEX_NAME
+    try:
+        doc = reports.read_index(path)
+    except ReportError:
+        return reports.ReportIndex.load(out_dir)
+    return reports.ReportIndex({e["checkpoint"]: e for e in doc["checkpoints"]})
+
+
+def _where(provenance: dict[str, Any] | None) -> str:
+    """Return ``host:pid (task T)`` from a provenance record, for log lines."""
+    if not provenance:
+        return "an unknown process"
+    text = f"{provenance.get('host')}:{provenance.get('pid')}"
+    task = provenance.get("task")
+    return text if task is None else f"{text} (task {task})"
+
+
 def _log_unit(result: UnitResult) -> None:
     entry = result.entry
+    assert entry is not None
+    where = _where(result.provenance)
+    if result.outcome == DONE_ELSEWHERE:
+        logger.info(
+            "probe %s at %s was committed by %s; not refitted",
+            result.site,
+            result.checkpoint,
+            where,
+        )
+        return
     if entry["status"] == "failed":
         logger.warning(
-            "probe %s at %s failed: %s", result.site, result.checkpoint, entry["error"]
+            "probe %s at %s failed on %s: %s",
+            result.site,
+            result.checkpoint,
+            where,
+            entry["error"],
         )
         return
     test_error = entry["test"]["error"]
     logger.info(
-        "fitted probe %s at %s: C=%g, test error %s, %d iterations, %.2f s",
+        "fitted probe %s at %s on %s: C=%g, test error %s, %d iterations, %.2f s",
         result.site,
         result.checkpoint,
+        where,
         entry["C"],
         "n/a" if test_error is None else f"{test_error:.4f}",
         entry["solver"]["n_iter"],
@@ -875,385 +1511,3 @@ def _warn_not_converged(summary: FitSummary, settings: FitSettings) -> None:
         ConvergenceWarning,
         stacklevel=3,
     )
-
-
-# --- Workers: one chain, one unit -----------------------------------------------------
-
-
-@dataclass
-class _UnitData:
-    """One site's standardised activations and labels, cut by split."""
-
-    X: dict[str, np.ndarray]  # float32 views of one array, rows grouped by split
-    y: dict[str, np.ndarray]
-    n_constant: int
-
-
-def _fit_chain(chain: ChainTask) -> list[UnitResult]:
-    """Fit a chain's units in order, warm-starting each from the last success.
-
-    Each unit's result is written to its unit file before the next starts.
-    """
-    settings = chain.settings
-    settings_hash = settings.settings_hash()
-    previous: tuple[np.ndarray, np.ndarray] | None = None
-    results = []
-    with _limit_threads(chain.threads):
-        for unit in chain.units:
-            warm = previous if settings.warm_start else None
-            entry, solution = _fit_unit(unit, settings, chain.solver, warm)
-            _write_unit_file(unit, settings_hash, entry)
-            results.append(UnitResult(unit.checkpoint, unit.site, entry))
-            if solution is not None:
-                previous = solution
-    return results
-
-
-def _fit_unit(
-    unit: UnitTask,
-    settings: FitSettings,
-    solver: Solver,
-    warm: tuple[np.ndarray, np.ndarray] | None,
-) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray] | None]:
-    """Fit one unit; return its report entry and the chosen (coef, intercept).
-
-    Errors that belong to this unit's data are recorded in the entry, which
-    then has status ``failed``, and the solution is None.
-    """
-    start = time.perf_counter()
-    entry = _new_entry(unit)
-    solution = None
-    try:
-        data = _load_unit_data(unit, entry)
-        fields, solution = _fit_probe(data, unit, settings, solver, warm, entry)
-    except (ProbecvxError, OSError, ValueError, MemoryError) as err:
-        entry["error"] = _error_text(err)
-    else:
-        entry.update(fields)
-        entry["status"] = "ok"
-    entry["seconds"] = time.perf_counter() - start
-    return entry, solution
-
-
-def _new_entry(unit: UnitTask) -> dict[str, Any]:
-    """Return a site entry for ``unit`` with status failed and nothing measured."""
-    return {
-        "site": unit.site,
-        "order": unit.order,
-        "module_type": unit.module_type,
-        "n_features": unit.n_features,
-        "status": "failed",
-        "error": None,
-        "C": None,
-        "C_grid": [],
-        "C_selection": None,
-        "val_error_by_C": [],
-        "val_loss_by_C": [],
-        "converged_by_C": [],
-        "train": {"error": None, "loss": None},
-        "val": {"error": None, "loss": None},
-        "test": {"error": None, "loss": None},
-        "chance_error": None,
-        "constant_features": None,
-        "solver": None,
-        "convergence_warnings": 0,
-        "seconds": 0.0,
-        "warnings": [],
-    }
-
-
-def _error_text(err: BaseException) -> str:
-    if isinstance(err, MemoryError):
-        return "out of memory while reading or fitting this probe site"
-    text = " ".join(str(err).split())
-    if isinstance(err, ProbecvxError):
-        return text
-    return f"{type(err).__name__}: {text}"
-
-
-def _load_unit_data(unit: UnitTask, entry: dict[str, Any]) -> _UnitData:
-    """Read one site with rows grouped by split, and standardise it in place.
-
-    Also fills ``chance_error`` in ``entry``: it needs only the labels, so a
-    unit whose activations cannot be used still reports it.
-    """
-    labels, split, _ = read_targets(unit.shard_path)
-    order = np.argsort(split, kind="stable")
-    counts = np.bincount(split, minlength=len(SPLIT_NAMES))
-    bounds = np.concatenate([[0], np.cumsum(counts)])
-    y_all = labels[order]
-    y = {
-        name: y_all[bounds[code] : bounds[code + 1]]
-        for code, name in enumerate(SPLIT_NAMES)
-    }
-    entry["chance_error"] = _chance_error(y["test"], unit.n_classes)
-
-    # float16 storage needs a float32 copy; float32 is used as read.
-    X_all = read_site(unit.shard_path, unit.site, rows=order)
-    X_all = X_all.astype(np.float32, copy=False)
-    if X_all.shape[1] == 0:
-        raise SolverError(f"probe site {unit.site!r} has no features to fit a probe on")
-    if counts[0] == 0:
-        raise SolverError(
-            "the train split has no rows; re-run `probecvx extract` with a "
-            "split that gives train rows"
-        )
-    _check_finite(X_all, unit)
-    n_constant = _standardise(X_all, int(counts[0]))
-    X = {
-        name: X_all[bounds[code] : bounds[code + 1]]
-        for code, name in enumerate(SPLIT_NAMES)
-    }
-    return _UnitData(X=X, y=y, n_constant=n_constant)
-
-
-def _chance_error(y_test: np.ndarray, n_classes: int) -> float | None:
-    """Return 1 minus the frequency of the most common class in the test split."""
-    if y_test.size == 0:
-        return None
-    counts = np.bincount(y_test, minlength=n_classes)
-    return float(1.0 - counts.max() / y_test.size)
-
-
-def _block_rows(n_features: int) -> int:
-    """Return the rows per block that keep a float64 block near _BLOCK_BYTES."""
-    return max(1, _BLOCK_BYTES // (8 * max(1, n_features)))
-
-
-def _check_finite(X: np.ndarray, unit: UnitTask) -> None:
-    block = _block_rows(X.shape[1])
-    n_bad = 0
-    for start in range(0, X.shape[0], block):
-        chunk = X[start : start + block]
-        n_bad += chunk.size - int(np.count_nonzero(np.isfinite(chunk)))
-    if not n_bad:
-        return
-    if unit.overflow_count:
-        cause = (
-            f"{unit.overflow_count} values overflowed float16 when the shard was "
-            "written; re-run `probecvx extract` with float32 storage"
-        )
-    else:
-        cause = "the model produced them at this site at this checkpoint"
-    raise SolverError(
-        f"the activations of probe site {unit.site!r} contain {n_bad} NaN or "
-        f"infinite values, so no probe can be fitted; {cause}"
-    )
-
-
-def _standardise(X: np.ndarray, n_train: int) -> int:
-    """Standardise ``X`` in place with the mean and std of its first ``n_train`` rows.
-
-    The mean and standard deviation are computed block by block in float64, in
-    two passes. A column whose standard deviation is below float32 resolution
-    relative to its mean (a dead ReLU unit, say) is centred but not scaled.
-    Returns the number of such constant columns.
-    """
-    block = _block_rows(X.shape[1])
-    total = np.zeros(X.shape[1])
-    for start in range(0, n_train, block):
-        total += X[start : min(start + block, n_train)].sum(axis=0, dtype=np.float64)
-    mean = total / n_train
-
-    squares = np.zeros(X.shape[1])
-    for start in range(0, n_train, block):
-        diff = X[start : min(start + block, n_train)].astype(np.float64) - mean
-        squares += np.einsum("ij,ij->j", diff, diff)
-    std = np.sqrt(squares / n_train)
-    constant = std <= np.finfo(np.float32).eps * np.maximum(1.0, np.abs(mean))
-    std[constant] = 1.0
-
-    shift = mean.astype(np.float32)
-    scale = (1.0 / std).astype(np.float32)
-    for start in range(0, X.shape[0], block):
-        chunk = X[start : start + block]
-        chunk -= shift
-        chunk *= scale
-    return int(np.count_nonzero(constant))
-
-
-def _probe_grid(Cs: tuple[float, ...], n_val: int) -> tuple[tuple[float, ...], str]:
-    """Return the ``C`` values to fit and how the one reported is chosen."""
-    if len(Cs) == 1:
-        return Cs, "single_C"
-    if n_val == 0:
-        nearest = min(Cs, key=lambda C: abs(math.log(C / NO_VAL_C)))
-        return (nearest,), "no_val_default"
-    return Cs, "val_error"
-
-
-def _fit_probe(
-    data: _UnitData,
-    unit: UnitTask,
-    settings: FitSettings,
-    solver: Solver,
-    warm: tuple[np.ndarray, np.ndarray] | None,
-    entry: dict[str, Any],
-) -> tuple[dict[str, Any], tuple[np.ndarray, np.ndarray]]:
-    """Fit the ``C`` grid on train, choose ``C`` on val, and measure every split.
-
-    Returns the entry fields to set and the chosen (coef, intercept). Notes
-    for the caller go to ``entry["warnings"]``.
-    """
-    notes: list[str] = entry["warnings"]
-    X_train, y_train = data.X["train"], data.y["train"]
-    X_val, y_val = data.X["val"], data.y["val"]
-    check_problem(X_train, y_train, unit.n_classes)
-    notes.extend(_class_notes(y_train, unit.class_names))
-
-    # Fit every C in one call, so that solvers can share work across the grid.
-    grid, selection = _probe_grid(settings.Cs, len(y_val))
-    if selection == "no_val_default":
-        notes.append(
-            f"the val split has no rows, so C={grid[0]:g} was used without choosing it"
-        )
-    validation = Validation(X_val, y_val) if len(y_val) else None
-    if settings.early_stopping and validation is None:
-        notes.append("the val split has no rows, so early stopping was off")
-    if warm is not None and warm[0].shape != (unit.n_classes, X_train.shape[1]):
-        warm = None
-    # Warnings go to the entry because a worker process cannot show them. The
-    # caller counts the probes that did not converge and warns once.
-    # NOTE: catch_warnings is process-wide, so under joblib's threading backend
-    # a warning may land in the entry of another unit running at the same time.
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        fits = solver.fit(
-            X_train,
-            y_train,
-            unit.n_classes,
-            grid,
-            tol=settings.tol,
-            max_iter=settings.max_iter,
-            warm_start=warm,
-            validation=validation,
-            early_stopping=settings.early_stopping and validation is not None,
-        )
-    notes.extend(_warning_notes(caught))
-
-    # Choose C by val error, then val loss, then the smaller C.
-    val_scores = [_split_scores(X_val, y_val, fit) for fit in fits]
-    best = min(range(len(fits)), key=lambda i: (*_rank(val_scores[i]), fits[i].C))
-    chosen = fits[best]
-    if not (np.isfinite(chosen.coef).all() and np.isfinite(chosen.intercept).all()):
-        raise SolverError(
-            f"solver {chosen.solver!r} returned non-finite weights for C={chosen.C:g}; "
-            "try another --solver or a smaller C"
-        )
-    notes.extend(_grid_notes(fits, best, selection, settings))
-
-    metrics = {}
-    for name in SPLIT_NAMES:
-        loss, error = _split_scores(data.X[name], data.y[name], chosen)
-        metrics[name] = {
-            "error": error,
-            "loss": _finite_or_none(loss, f"{name} loss", notes),
-        }
-    fields = {
-        "C": chosen.C,
-        "C_grid": [fit.C for fit in fits],
-        "C_selection": selection,
-        "val_error_by_C": [error for _, error in val_scores],
-        "val_loss_by_C": [_finite_or_none(loss, "", []) for loss, _ in val_scores],
-        "converged_by_C": [bool(fit.converged) for fit in fits],
-        **metrics,
-        "constant_features": data.n_constant,
-        "solver": _solver_record(chosen, warm is not None, notes),
-        "convergence_warnings": sum(1 for fit in fits if not fit.converged),
-    }
-    return fields, (chosen.coef, chosen.intercept)
-
-
-def _warning_notes(caught: Sequence[warnings.WarningMessage]) -> list[str]:
-    """Return the messages of the warnings a solver raised, without repeats."""
-    messages = [f"{w.category.__name__}: {w.message}" for w in caught]
-    return list(dict.fromkeys(messages))
-
-
-def _split_scores(
-    X: np.ndarray, y: np.ndarray, fit: ProbeFit
-) -> tuple[float | None, float | None]:
-    """Return (log-loss, error) of ``fit`` on one split, or Nones when it is empty."""
-    if len(y) == 0:
-        return None, None
-    return softmax_cross_entropy(X, y, fit.coef, fit.intercept)
-
-
-def _rank(scores: tuple[float | None, float | None]) -> tuple[float, float]:
-    """Sort key (error, loss) of val scores; missing or NaN values rank last."""
-    loss, error = scores
-    return (
-        math.inf if error is None or math.isnan(error) else error,
-        math.inf if loss is None or math.isnan(loss) else loss,
-    )
-
-
-def _finite_or_none(
-    value: float | None, quantity: str, notes: list[str]
-) -> float | None:
-    """Return ``value`` if finite; else None, with a note naming ``quantity``."""
-    if value is None or math.isfinite(value):
-        return value
-    if quantity:
-        notes.append(f"the {quantity} is {value}, stored as null")
-    return None
-
-
-def _class_notes(y_train: np.ndarray, class_names: Sequence[str]) -> list[str]:
-    counts = np.bincount(y_train, minlength=len(class_names))
-    missing = [class_names[int(code)] for code in np.flatnonzero(counts == 0)]
-    if not missing:
-        return []
-    return [
-        f"{len(missing)} of {len(class_names)} classes have no train rows "
-        f"({', '.join(map(repr, missing))}); the probe never predicts them"
-    ]
-
-
-def _grid_notes(
-    fits: Sequence[ProbeFit], best: int, selection: str, settings: FitSettings
-) -> list[str]:
-    notes = []
-    chosen = fits[best]
-    if not chosen.converged:
-        notes.append(
-            f"the probe for the chosen C={chosen.C:g} did not converge: it "
-            f"stopped before meeting tol={settings.tol:g} (max_iter="
-            f"{settings.max_iter})"
-        )
-    others = sum(1 for i, fit in enumerate(fits) if i != best and not fit.converged)
-    if others:
-        notes.append(
-            f"{others} of the other {len(fits) - 1} fits over the C grid did not "
-            "converge"
-        )
-    if selection == "val_error" and best in (0, len(fits) - 1):
-        edge = "smallest" if best == 0 else "largest"
-        notes.append(
-            f"the chosen C={chosen.C:g} is the {edge} in the grid; extend the grid "
-            "past it to check that the val error is lowest inside it"
-        )
-    return notes
-
-
-def _solver_record(
-    fit: ProbeFit, warm_started: bool, notes: list[str]
-) -> dict[str, Any]:
-    """Return the solver record of the chosen fit; NaN grad_norm means not reported."""
-    grad_norm = fit.grad_norm
-    return {
-        "name": fit.solver,
-        "n_iter": int(fit.n_iter),
-        "converged": bool(fit.converged),
-        "objective": _finite_or_none(float(fit.objective), "objective", notes),
-        "grad_norm": None
-        if math.isnan(grad_norm)
-        else _finite_or_none(float(grad_norm), "gradient norm", notes),
-        "stop_rule": fit.stop_rule,
-        "tol": float(fit.tol),
-        "fit_seconds": float(fit.fit_seconds),
-        "data_passes": _finite_or_none(
-            float(fit.data_passes), "data pass count", notes
-        ),
-        "warm_started": warm_started,
-    }

@@ -6,6 +6,8 @@ import errno
 import json
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import h5py
@@ -14,7 +16,7 @@ import pytest
 import safetensors.torch
 import torch
 
-from probecvx.atomic import TEMP_PREFIX
+from probecvx.atomic import TEMP_PREFIX, host_name
 from probecvx.checkpoints import checkpoint_sha256, resolve_model_factory
 from probecvx.datasets import ProbeDataset, load_dataset
 from probecvx.errors import ExtractionError, InvalidInputError, SiteError
@@ -436,14 +438,24 @@ def test_stale_temp_files_removed(
 ) -> None:
     out = tmp_path / "acts"
     out.mkdir()
-    stale = out / f"{TEMP_PREFIX}step_10.h5.abc123"
-    stale.write_bytes(b"half a shard")
+    dead = subprocess.run(
+        [sys.executable, "-c", "import os; print(os.getpid())"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    dead_pid = int(dead.stdout)
+    host = host_name()
+    stale = out / f"{TEMP_PREFIX}step_10.h5.~{host}~{dead_pid}~abc123"
+    stale.write_bytes(b"half a shard of a killed run")
+    live = out / f"{TEMP_PREFIX}step_20.h5.~{host}~{os.getpid()}~def456"
+    live.write_bytes(b"half a shard of a live run")
+
     run(checkpoint_dir, dataset, out, factory)
-    assert sorted(path.name for path in out.iterdir()) == [
-        "step_10.h5",
-        "step_20.h5",
-        "step_30.h5",
-    ]
+
+    assert sorted(path.name for path in out.iterdir()) == sorted(
+        [live.name, "step_10.h5", "step_20.h5", "step_30.h5"]
+    )
 
 
 def test_disk_full_leaves_no_shard(

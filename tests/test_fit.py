@@ -13,7 +13,8 @@ import pytest
 from sklearn.linear_model import LogisticRegression
 
 from probecvx.errors import ConvergenceWarning, InvalidInputError
-from probecvx.fit import UNITS_DIR, _standardise, fit_shards
+from probecvx.fit import UNITS_DIR, fit_shards
+from probecvx.probe import standardise
 from probecvx.reports import INDEX_NAME, read_index, read_report
 from probecvx.shards import ShardWriter, read_site
 from probecvx.solvers import objective
@@ -182,7 +183,7 @@ def test_standardise_zero_variance_column() -> None:
     X[:, 1] = 7.0  # a dead unit: constant on every row
     X[30:, 2] += 100.0  # rows past the train rows must not move the statistics
 
-    n_constant = _standardise(X, n_train=30)
+    n_constant = standardise(X, n_train=30)
 
     assert n_constant == 1
     assert np.isfinite(X).all()
@@ -405,7 +406,7 @@ def test_killed_run_resumes_from_unit_files(tmp_path: Path) -> None:
     acts, out = tmp_path / "acts", tmp_path / "out"
     write_series(acts)
     fit(acts, out, Cs=[1.0])
-    unit_files = sorted((out / UNITS_DIR).rglob("*.json"))
+    unit_files = sorted((out / UNITS_DIR).glob("*/*.json"))
     assert len(unit_files) == 6
 
     # Lose the reports and one unit, as if killed before they were written.
