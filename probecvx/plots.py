@@ -210,7 +210,7 @@ def render_table(records: Iterable[Record]) -> str:
             cell.rjust(width) for cell, width in zip(row[1:], widths[1:], strict=True)
         ]
         lines.append("  ".join(cells).rstrip())
-    lines.append(_chance_comment(grid))
+    lines.append(f"# {_chance_text(grid)}")
     return "\n".join(lines) + "\n"
 
 
@@ -614,17 +614,17 @@ def _format_cell(grid: ErrorGrid, i: int, j: int) -> str:
     return f"{100 * value:.2f}"
 
 
-def _chance_comment(grid: ErrorGrid) -> str:
+def _chance_text(grid: ErrorGrid) -> str:
     known = grid.chance_error[np.isfinite(grid.chance_error)]
     if known.size == 0:
-        return "# chance level unknown"
+        return "chance level unknown"
     if np.allclose(known, known[0]) and known.size == grid.chance_error.size:
-        return f"# chance level: {100 * known[0]:.2f}"
+        return f"chance level (%): {100 * known[0]:.2f}"
     cells = [
         f"{100 * value:.2f}" if math.isfinite(value) else "-"
         for value in grid.chance_error
     ]
-    return "# chance level by column: " + " ".join(cells)
+    return "chance level (%) by column: " + " ".join(cells)
 
 
 def _column_axis_label(grid: ErrorGrid) -> str:
@@ -782,7 +782,7 @@ def _html_table(grid: ErrorGrid) -> str:
         rows.append(f"<tr>{''.join(cells)}</tr>")
     caption = (
         "<caption>Probe test error (%); rows: sites in forward order; "
-        f"columns: training step. {html.escape(_chance_comment(grid)[2:])}."
+        f"columns: training step. {html.escape(_chance_text(grid).capitalize())}."
         "</caption>"
     )
     return "<table>\n" + caption + "\n" + "\n".join(rows) + "\n</table>"

@@ -72,7 +72,7 @@ def test_render_table_exact_text(records: list[dict[str, Any]]) -> None:
         "conv1  50.00   47.50  40.00\n"
         "relu1  50.00  failed  30.00\n"
         "fc     50.00   42.50  20.00\n"
-        "# chance level: 90.00\n"
+        "# chance level (%): 90.00\n"
     )
     assert plots.render_table(records) == expected
 
@@ -95,7 +95,7 @@ def test_render_table_chance_per_column() -> None:
         make_record(10, "input", 0, 0.1, chance=0.5),
     ]
     assert plots.render_table(rows).splitlines()[-1] == (
-        "# chance level by column: 90.00 50.00"
+        "# chance level (%) by column: 90.00 50.00"
     )
 
 
