@@ -418,6 +418,8 @@ def animate_site_bars(records: Iterable[Record], path: Path, *, fps: int = 1) ->
     FigureCanvasAgg(figure)
     axes = figure.add_subplot()
     writer: PillowWriter | FFMpegWriter
+    # NOTE: the tests cover only the GIF writer; the MP4 branch has not been run
+    # because the development machines have no ffmpeg.
     writer = PillowWriter(fps=fps) if suffix == "gif" else FFMpegWriter(fps=fps)
 
     # The writers pick the file format from the suffix, so the temporary file
