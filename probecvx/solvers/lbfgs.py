@@ -235,11 +235,18 @@ class _Problem:
             self.status = "early_stopped"
 
     def restore_best(self) -> None:
-        """Go back to the iterate with the lowest validation loss."""
-        if self.best_theta is not None:
-            self.theta = self.best_theta
-            self.objective = self.best_objective
-            self.grad_max = self.best_grad_max
+        """Go back to the iterate with the lowest validation loss.
+
+        When that is not the last iterate, the probe returned is not the
+        optimum, so its status becomes ``early_stopped`` even if L-BFGS went
+        on to converge.
+        """
+        if self.best_theta is None or self.best_iter == self.n_iter:
+            return
+        self.theta = self.best_theta
+        self.objective = self.best_objective
+        self.grad_max = self.best_grad_max
+        self.status = "early_stopped"
 
 
 class LbfgsSolver:
@@ -277,6 +284,12 @@ class LbfgsSolver:
     validation rows counts as ``n_val / n`` of a pass.
     ``fit_seconds`` is the wall time from the start of the joint fit until that
     probe stopped.
+
+    ``extra["stop_reason"]`` is ``converged``, ``max_iter``, ``line_search``
+    or ``stalled`` (the last three emit a ConvergenceWarning), or
+    ``early_stopped`` when early stopping returned an iterate before the
+    last. An early-stopped probe reports ``converged=False`` without a
+    warning, because it stopped where the caller requested.
     """
 
     name = "lbfgs"
