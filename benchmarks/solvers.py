@@ -517,6 +517,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ours_default = [n for n in available_solvers() if not n.startswith("sklearn-")]
     ours_default = [n for n in ours_default if n != "auto"]
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+    # What to run.
     parser.add_argument("--quick", action="store_true", help="small shapes, seconds")
     parser.add_argument(
         "--problems",
@@ -524,6 +526,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help=f"comma-separated problem names from {', '.join(PROBLEMS)}",
     )
     parser.add_argument("--dtypes", default="float32,float64", help="comma-separated")
+    parser.add_argument(
+        "--shard", type=Path, help="an HDF5 shard from probecvx extract"
+    )
+    parser.add_argument("--site", help="the probe site to read from --shard")
     parser.add_argument(
         "--solvers",
         default=",".join(ours_default),
@@ -535,23 +541,23 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         default=",".join(SKLEARN_METHODS),
         help="comma-separated scikit-learn solvers to compare with; '' for none",
     )
+    parser.add_argument(
+        "--skip-extras", action="store_true", help="skip 8-C, warm and memory runs"
+    )
+
+    # How to run it.
     parser.add_argument("--C", type=float, default=1.0, help="inverse penalty")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs, median")
     parser.add_argument(
         "--budget",
         type=float,
         default=600.0,
-        help="seconds per solver and problem for lowering tol before giving up",
+        help="seconds per solver and problem for the search of tol or max_iter "
+        "before giving up",
     )
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--skip-extras", action="store_true", help="skip 8-C, warm and memory runs"
-    )
-    parser.add_argument(
-        "--shard", type=Path, help="an HDF5 shard from probecvx extract"
-    )
-    parser.add_argument("--site", help="the probe site to read from --shard")
+
     args = parser.parse_args(argv)
     args.ours = [s for s in args.solvers.split(",") if s]
     args.sklearn = [s for s in args.sklearn.split(",") if s]

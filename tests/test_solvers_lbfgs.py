@@ -2,8 +2,9 @@
 
 scikit-learn's ``LogisticRegression`` minimises ``C * n`` times the probe
 objective for three or more classes. For two classes it fits the binary
-model with one weight vector ``w``; our symmetric pair ``(-w/2, w/2)`` pays
-half its penalty, so our optimum at ``C`` is scikit-learn's at ``2 * C``.
+model with one weight vector ``w``. The probe's symmetric pair
+``(-w/2, w/2)`` pays half that penalty, so the probe's optimum at ``C`` is
+scikit-learn's at ``2 * C``.
 """
 
 from __future__ import annotations

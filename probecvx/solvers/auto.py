@@ -4,7 +4,7 @@ Full-batch L-BFGS (:mod:`probecvx.solvers.lbfgs`) is the fastest engine on
 the probe problems that ``benchmarks/solvers.py`` measures, as long as each
 pass over ``X`` is a read from memory. So ``auto`` picks, in order:
 
-1. ``lbfgs`` on the GPU when torch sees CUDA and ``X`` plus the working
+1. ``lbfgs`` on the GPU when torch finds a CUDA device and ``X`` plus the working
    buffers fit in the device's free memory;
 2. ``lbfgs`` on the CPU when ``X`` is in memory: any ndarray that is not a
    memory map, or a memory map no larger than the available memory;
@@ -37,8 +37,8 @@ from probecvx.solvers.lbfgs import LbfgsSolver
 
 logger = logging.getLogger(__name__)
 
-# Leave this share of the GPU's free memory to the CUDA context, the caching
-# allocator and other processes.
+# Use at most this share of the GPU's free memory, leaving the rest to the
+# CUDA context, the caching allocator and other processes.
 _GPU_HEADROOM = 0.8
 # Vectors of one probe's size kept by L-BFGS besides its history pairs:
 # iterate, gradient, direction, trial point, best iterate and temporaries.
