@@ -33,6 +33,7 @@ import numpy as np
 
 from probecvx import __version__
 from probecvx.atomic import TEMP_PREFIX, atomic_path
+from probecvx.cluster import h5py_locking_kwargs
 from probecvx.errors import (
     ExtractionError,
     InvalidInputError,
@@ -69,13 +70,6 @@ STORAGE_DTYPES = ("float32", "float16")
 
 CHUNK_BYTES = 1 << 20  # target size of one HDF5 chunk of a site dataset
 READ_BLOCK_BYTES = 32 << 20  # target size of one block read by read_site
-
-# File locking on read-only opens needs HDF5 1.10.7+ or 1.12.1+; older
-# builds raise ValueError when `locking` is passed.
-_HDF5_VERSION = h5py.version.hdf5_version_tuple[:3]
-_LOCKING_SUPPORTED = _HDF5_VERSION >= (1, 12, 1) or (
-    (1, 10, 7) <= _HDF5_VERSION < (1, 11, 0)
-)
 
 
 @dataclass(frozen=True)
@@ -182,7 +176,7 @@ class ShardWriter:
         self._commit = atomic_path(self.final_path)
         self._temp = self._commit.__enter__()
         try:
-            self._file = h5py.File(self._temp, "w", **_locking_kwargs())
+            self._file = h5py.File(self._temp, "w", **h5py_locking_kwargs(writing=True))
             self._write_root()
         except BaseException as err:
             self._abort(type(err), err, err.__traceback__)
@@ -518,7 +512,7 @@ def _open_shard(path: Path) -> Iterator[h5py.File]:
     if not path.is_file():
         raise ShardError(f"shard {path} not found; run `probecvx extract` to write it")
     try:
-        file = h5py.File(path, "r", **_locking_kwargs())
+        file = h5py.File(path, "r", **h5py_locking_kwargs(writing=False))
     except OSError as err:
         raise ShardError(
             f"cannot read shard {path}: not an HDF5 file or truncated ({err}); "
@@ -526,10 +520,6 @@ def _open_shard(path: Path) -> Iterator[h5py.File]:
         ) from err
     with file:
         yield file
-
-
-def _locking_kwargs() -> dict[str, Any]:
-    return {"locking": False} if _LOCKING_SUPPORTED else {}
 
 
 def _check_format(path: Path, attrs: Mapping[str, Any]) -> None:
