@@ -67,7 +67,7 @@ class Owner:
     """Who does a piece of work: host, process, batch task and run.
 
     ``run`` is one id per ``extract`` or ``fit`` call, shared by the workers
-    it starts; ``task`` is a label such as a SLURM job and array task id.
+    it starts. ``task`` is a label such as a SLURM job and array task id.
     """
 
     host: str

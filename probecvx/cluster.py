@@ -4,9 +4,10 @@
   the units of work into ``N`` task shards. Every task computes the same
   split from the same units, so tasks need not talk to each other.
 - :func:`parallel_backend` selects the joblib backend (``loky``,
-  ``threading`` or ``dask``) and, for Dask, connects to a scheduler or starts
-  a local cluster; :func:`run_tasks` runs tasks on the active backend and
-  yields each outcome as it arrives, including the death of a worker.
+  ``threading`` or ``dask``). For Dask it connects to a scheduler or starts a
+  local cluster.
+- :func:`run_tasks` runs tasks on the active backend and yields each outcome
+  as it arrives, including the death of a worker.
 - :func:`hdf5_locking` sets the HDF5 file locking mode of the files probecvx
   writes (see ``docs/cluster.md``).
 """
@@ -157,8 +158,9 @@ def partition(costs: Sequence[float], n_tasks: int) -> list[int]:
 
     Greedy longest-processing-time: items in decreasing cost (ties by
     position) go to the task with the lowest load so far (ties to the lowest
-    task index). The largest task load is at most 4/3 of the optimum. The
-    result depends only on ``costs`` and ``n_tasks``.
+    task index). The largest task load is at most 4/3 of the optimum (Graham's
+    bound for this rule). The result depends only on ``costs`` and
+    ``n_tasks``.
 
     Returns
     -------
@@ -235,8 +237,8 @@ def parallel_backend(
     -----
     With ``dask`` and neither ``scheduler`` nor ``scheduler_file``, a
     ``distributed.LocalCluster`` is started on 127.0.0.1 and closed at the
-    end of the block; a client connected to a running scheduler is closed,
-    but the scheduler and its workers are left running.
+    end of the block. A client connected to a running scheduler is closed at
+    the end too, but the scheduler and its workers are left running.
     """
     check_backend(backend, scheduler, scheduler_file)
     if backend is None:

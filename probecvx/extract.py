@@ -103,11 +103,15 @@ FAILURE_FORMAT = "probecvx-extract-failure"
 class ShardRecord:
     """Outcome for the shard of one checkpoint.
 
-    ``status`` is ``written``; ``skipped`` when a current shard already
-    existed; ``failed``, with the ``error``, when the checkpoint failed in
-    this run or in an earlier one (with ``keep_going``); or ``claimed`` when
-    another live process was writing it. ``seconds`` is the wall time spent
-    on it, hashing included.
+    ``status`` is one of:
+
+    - ``written``;
+    - ``skipped``, when a current shard already existed;
+    - ``failed``, with the ``error``, when the checkpoint failed in this run
+      or in an earlier one (with ``keep_going``);
+    - ``claimed``, when another live process was writing it.
+
+    ``seconds`` is the wall time spent on it, hashing included.
     """
 
     checkpoint: str

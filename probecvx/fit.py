@@ -11,7 +11,7 @@ checkpoints of one training run usually have nearby optima. A worker claims
 each unit before fitting it (:mod:`probecvx.claims`), so that two jobs that
 overlap by mistake do not fit it twice, and commits the result at once,
 atomically, to its unit file under ``<out_dir>/.units/``. When all the units
-of a checkpoint are done, the job that sees the last one writes the report
+of a checkpoint are done, the job that records the last one writes the report
 ``<checkpoint name>.json`` and updates ``index.json``.
 
 A re-run skips units whose result is current (same shard id and fit
@@ -29,6 +29,7 @@ import json
 import logging
 import math
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -117,15 +118,15 @@ PLAN_FORMAT = "probecvx-fit-plan"
 # The lock file, inside UNITS_DIR, held while index.json is rewritten.
 _INDEX_LOCK = ".index.lock"
 
-# UnitResult.outcome: fitted by this run; found committed by another process
-# (or by this run before one of its workers died); claimed by another live
-# process, so left to it.
+# Values of UnitResult.outcome. FITTED: fitted by this run. DONE_ELSEWHERE:
+# found committed by another process, or by this run before one of its
+# workers died. CLAIMED: claimed by another live process, so left to it.
 FITTED, DONE_ELSEWHERE, CLAIMED = "fitted", "done_elsewhere", "claimed"
 
 
 @dataclass(frozen=True)
 class WorkerContext:
-    """What every chain of one run shares: settings, owner and retry rules."""
+    """The settings, owner and retry rules that every chain of one run shares."""
 
     settings: FitSettings
     owner: Owner
@@ -157,9 +158,9 @@ class ChainTask:
 
 @dataclass(frozen=True)
 class UnitResult:
-    """What became of one unit: fitted, done by another process, or claimed by one.
+    """The outcome of one unit: fitted, done by another process, or claimed by one.
 
-    ``entry`` is the report entry of the unit file; None when the unit is
+    ``entry`` is the report entry of the unit file, or None when the unit is
     claimed. ``provenance`` records the host, pid, task, run and times of the
     fit, or the holder of the claim.
     """
@@ -899,8 +900,9 @@ def _segments(
     """Cut the units into the segments that tasks are given whole.
 
     Without warm starts every unit is a segment. With them, each site's units
-    in checkpoint order are cut into as few contiguous segments as keep each
-    one near ``1/n_tasks`` of the total cost, because the first unit of a
+    in checkpoint order are cut into contiguous segments of about
+    ``1/n_tasks`` of the total cost each, rounded to the nearest count. A site
+    not much larger than that stays whole, because the first unit of a
     segment starts cold.
     """
     if not warm_start:
@@ -913,7 +915,7 @@ def _segments(
     for site_units in by_site.values():
         n_pieces = 1
         if n_tasks > 1 and target > 0:
-            wanted = math.ceil(_cost(site_units) / target - 1e-9)
+            wanted = round(_cost(site_units) / target)
             n_pieces = min(len(site_units), max(1, wanted))
         for part in np.array_split(np.arange(len(site_units)), n_pieces):
             segments.append(tuple(site_units[i] for i in part))
@@ -962,11 +964,16 @@ def _execute(chains: Sequence[ChainTask], n_jobs: int, run: _Run) -> None:
     """Run ``chains`` and record every unit, isolating units whose worker died.
 
     When a worker process dies (killed for memory, say), the units it had
-    claimed are suspects. Each suspect then runs alone, so that a second
-    death names its unit, which is recorded as failed; the rest of its chain
-    runs again, skipping what was committed. Every round either settles a
-    suspect or ends, so the loop ends.
+    claimed are suspects. Under joblib, a dead worker stops the whole pool,
+    so each suspect then runs alone, and a second death names its unit, which
+    is recorded as failed. Dask reports the one task whose workers died, after
+    retrying it on other workers, so its suspect is recorded as failed at once.
+    The rest of each chain runs again, skipping what was committed. A death
+    that no claimed unit explains fails the pending units of the chains it
+    hit, since a retry could die the same way. So every round settles a unit
+    or ends the loop.
     """
+    blame_at_once = active_dask_client() is not None
     queue = list(chains)
     suspects: list[ChainTask] = []
     while queue or suspects:
@@ -979,27 +986,34 @@ def _execute(chains: Sequence[ChainTask], n_jobs: int, run: _Run) -> None:
         suspects = []
 
         retry: list[ChainTask] = []
-        death: BaseException | None = None
+        unexplained: list[tuple[ChainTask, BaseException]] = []
         for outcome in run_tasks(_fit_chain, queue, n_jobs):
             chain = queue[outcome.index]
             if outcome.error is None:
                 run.record_all(outcome.result)
                 continue
-            death = outcome.error
             committed, in_flight = _triage(chain)
             run.record_all(committed)
-            suspects.extend(replace(chain, units=(unit,)) for unit in in_flight)
             rest = _without(chain, committed, in_flight)
+            if not in_flight:
+                unexplained.append((rest, outcome.error))
+                continue
+            if blame_at_once:
+                for unit in in_flight:
+                    run.record_worker_death(unit, outcome.error)
+            else:
+                suspects.extend(replace(chain, units=(unit,)) for unit in in_flight)
             if rest.pending:
                 retry.append(rest)
 
-        if death is not None and not suspects:
-            # A worker died while no unit was in flight, so no unit can be
-            # blamed and a retry could die the same way.
-            for chain in retry:
+        # Under joblib one death stops every chain, so a chain with nothing in
+        # flight is retried as long as another chain's unit takes the blame.
+        if blame_at_once or not suspects:
+            for chain, error in unexplained:
                 for unit in chain.pending:
-                    run.record_worker_death(unit, death)
-            retry = []
+                    run.record_worker_death(unit, error)
+        else:
+            retry.extend(chain for chain, _ in unexplained if chain.pending)
         queue = retry
 
 
@@ -1026,17 +1040,20 @@ def _triage(chain: ChainTask) -> tuple[list[UnitResult], list[UnitTask]]:
 def _without(
     chain: ChainTask, committed: Sequence[UnitResult], in_flight: Sequence[UnitTask]
 ) -> ChainTask:
-    """Return ``chain`` with committed units marked done and in-flight ones left out."""
+    """Return ``chain`` with committed units marked done and in-flight ones left out.
+
+    The units of a chain share one site, so they are keyed by checkpoint.
+    """
     done = {
-        result.site: DONE_OK if _entry_ok(result.entry) else DONE_FAILED
+        result.checkpoint: DONE_OK if _entry_ok(result.entry) else DONE_FAILED
         for result in committed
     }
-    left_out = {unit.site for unit in in_flight}
+    left_out = {unit.checkpoint for unit in in_flight}
     units = []
     for unit in chain.units:
-        if unit.status == PENDING and unit.site in done:
-            unit = replace(unit, status=done[unit.site])
-        elif unit.status == PENDING and unit.site in left_out:
+        if unit.status == PENDING and unit.checkpoint in done:
+            unit = replace(unit, status=done[unit.checkpoint])
+        elif unit.status == PENDING and unit.checkpoint in left_out:
             unit = replace(unit, status=DONE_FAILED)
         units.append(unit)
     return replace(chain, units=tuple(units))
@@ -1342,13 +1359,11 @@ class _Run:
 
     def record_worker_death(self, unit: UnitTask, error: BaseException) -> None:
         """Commit a failed entry for a unit whose worker died while fitting it."""
-        reason = " ".join(str(error).split())[:300]
         entry = new_entry(unit)
         entry["error"] = (
             f"the worker process died while fitting this probe "
-            f"({type(error).__name__}: {reason}); it may have run out of memory, so "
-            "give each worker more memory or lower --jobs, then re-run with "
-            "--retry-failed"
+            f"({_death_reason(error)}); it may have run out of memory, so give each "
+            "worker more memory or lower --jobs, then re-run with --retry-failed"
         )
         owner = self.context.owner
         provenance = {**owner.record(), "started": utc_now(), "finished": utc_now()}
@@ -1444,6 +1459,16 @@ class _Run:
         self.reports_written.append(path)
         self.index.set_report(doc, path)
         logger.info("wrote report %s (%s)", path, doc["status"])
+
+
+def _death_reason(error: BaseException) -> str:
+    """Return the class of a worker-death error and its exit status, in one line."""
+    text = " ".join(str(error).split())
+    codes = re.search(r"exit codes of the workers are \{([^}]*)\}", text)
+    if codes:
+        return f"{type(error).__name__}, exit status {codes.group(1)}"
+    first = re.split(r"(?<=\.) ", text, maxsplit=1)[0]
+    return f"{type(error).__name__}: {first[:200]}"
 
 
 def _read_index(out_dir: Path) -> reports.ReportIndex:

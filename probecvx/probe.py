@@ -101,9 +101,10 @@ class FitSettings:
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-#: Values of :attr:`UnitTask.status`: to fit; done with status ok (its
-#: solution can warm-start the next unit of its site); done and failed, or
-#: left out of this run (it neither is fitted nor warm-starts the next unit).
+#: Values of :attr:`UnitTask.status`. PENDING: to fit. DONE_OK: done with
+#: status ok, so its solution can warm-start the next unit of its site.
+#: DONE_FAILED: failed, or left out of this run; it is neither fitted nor
+#: used for a warm start.
 PENDING, DONE_OK, DONE_FAILED = "pending", "done_ok", "done_failed"
 
 
