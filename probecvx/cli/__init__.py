@@ -54,4 +54,5 @@ from probecvx.cli import (  # noqa: E402
     fit,  # noqa: F401  (registers `probecvx fit`)
     layers,  # noqa: F401  (registers `probecvx layers`)
     report,  # noqa: F401  (registers `probecvx report`)
+    status,  # noqa: F401  (registers `probecvx status`)
 )

@@ -7,9 +7,12 @@ from pathlib import Path
 import click
 
 from probecvx.checkpoints import resolve_model_factory
+from probecvx.claims import DEFAULT_CLAIM_TIMEOUT
 from probecvx.cli import main
+from probecvx.cluster import HDF5_LOCKING_MODES, resolve_shard
 from probecvx.datasets import load_dataset, parse_split
-from probecvx.extract import ShardRecord, extract_checkpoints
+from probecvx.errors import ProbecvxError
+from probecvx.extract import ExtractSummary, ShardRecord, extract_checkpoints
 from probecvx.shards import STORAGE_DTYPES
 from probecvx.sites import POOLINGS
 
@@ -111,6 +114,43 @@ def split_site_requests(values: tuple[str, ...]) -> list[str] | None:
     "the file: use only for files from a trusted source.",
 )
 @click.option("--force", is_flag=True, help="Rewrite shards that are current.")
+@click.option(
+    "--shard",
+    "shard_text",
+    metavar="I/N",
+    help="Extract only task I of N (I/N, counting from 0 like SLURM's "
+    "--array=0-15: 0/16 to 15/16). Inside a SLURM array task it defaults to the "
+    "task's place in the array. Every task computes the same split, balanced "
+    "by checkpoint size.",
+)
+@click.option(
+    "--keep-going",
+    is_flag=True,
+    help="When a checkpoint fails, record the error beside its shard's name and "
+    "go on with the others; exit 1 at the end.",
+)
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Extract checkpoints that failed in an earlier --keep-going run; by "
+    "default they are skipped.",
+)
+@click.option(
+    "--hdf5-locking",
+    type=click.Choice(HDF5_LOCKING_MODES),
+    default=None,
+    help="HDF5 file locking of the shards being written; finished shards are "
+    "read without a lock. HDF5_USE_FILE_LOCKING, when set, takes precedence. "
+    "Use false on NFS or Lustre mounts that reject locks.",
+)
+@click.option(
+    "--claim-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_CLAIM_TIMEOUT,
+    show_default=True,
+    help="Seconds without a heartbeat after which another process's claim on a "
+    "checkpoint is stale and may be broken.",
+)
 @click.option("--quiet", is_flag=True, help="Hide the progress bar.")
 def extract_command(
     checkpoint_dir: Path,
@@ -132,16 +172,24 @@ def extract_command(
     limit: int | None,
     trust: bool,
     force: bool,
+    shard_text: str | None,
+    keep_going: bool,
+    retry_failed: bool,
+    hdf5_locking: str | None,
+    claim_timeout: float,
     quiet: bool,
 ) -> None:
     """Write the activations of every checkpoint in CHECKPOINT_DIR to shards.
 
     Runs the --data samples through each checkpoint, in training-step order,
     and writes one HDF5 shard per checkpoint to --out. Prints one line per
-    shard, its path and `written` or `skipped`, separated by a tab. A shard
-    whose checkpoint, data and settings are unchanged is skipped, so a killed
-    run can simply be run again. Progress goes to stderr.
+    shard, its path and `written`, `skipped`, `failed` or `claimed` (left to
+    another process), separated by a tab. A shard whose checkpoint, data and
+    settings are unchanged is skipped, so a killed run can simply be run
+    again. Several runs may share --out, because each checkpoint is claimed
+    by one process at a time. Progress goes to stderr.
     """
+    shard = resolve_shard(shard_text)
     if model_kwargs is not None and model_spec is None:
         raise click.UsageError("--model-kwargs needs --model")
     factory = None
@@ -157,7 +205,7 @@ def extract_command(
         limit=limit,
     )
 
-    extract_checkpoints(
+    summary = extract_checkpoints(
         checkpoint_dir,
         dataset,
         out_dir,
@@ -172,8 +220,25 @@ def extract_command(
         force=force,
         progress=not quiet,
         on_shard=_echo_record,
+        shard=shard,
+        keep_going=keep_going,
+        retry_failed=retry_failed,
+        hdf5_locking=hdf5_locking,
+        claim_timeout=claim_timeout,
     )
+    if summary.failed:
+        raise ProbecvxError(_failure_line(summary))
 
 
 def _echo_record(record: ShardRecord) -> None:
     click.echo(f"{record.path}\t{record.status}")
+
+
+def _failure_line(summary: ExtractSummary) -> str:
+    """Return one line that counts the failed checkpoints and shows the first."""
+    first = summary.failed[0]
+    return (
+        f"{len(summary.failed)} of {len(summary.records)} checkpoints failed; the "
+        f"others were extracted. Re-run with --retry-failed after fixing them "
+        f"(first: {first.checkpoint}: {first.error})"
+    )

@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 import warnings
 from pathlib import Path
 
 import click
 
+from probecvx.claims import DEFAULT_CLAIM_TIMEOUT
 from probecvx.cli import main
+from probecvx.cluster import (
+    BACKENDS,
+    HDF5_LOCKING_MODES,
+    parallel_backend,
+    resolve_shard,
+)
 from probecvx.errors import ConvergenceWarning, ProbecvxError
 from probecvx.fit import DEFAULT_CS, FitSummary, fit_shards
 from probecvx.solvers import available_solvers
+
+SHARD_HELP = (
+    "Fit only task I of N (I/N, counting from 0 like SLURM's --array=0-15: "
+    "0/16 to 15/16). Inside a SLURM array task it defaults to the task's place "
+    "in the array. Every task computes the same split, balanced by rows times "
+    "features."
+)
+HDF5_LOCKING_HELP = (
+    "HDF5 file locking of the files being written; finished shards are read "
+    "without a lock. HDF5_USE_FILE_LOCKING, when set, takes precedence. Use "
+    "false on NFS or Lustre mounts that reject locks."
+)
+CLAIM_TIMEOUT_HELP = (
+    "Seconds without a heartbeat after which another process's claim on a unit "
+    "is stale and may be broken."
+)
 
 
 class _CGrid(click.ParamType):
@@ -41,9 +65,39 @@ class _CGrid(click.ParamType):
         return tuple(grid)
 
 
+class _SolverChoice(click.Choice):
+    """The registered solvers, read when the option is parsed.
+
+    ``--plugin`` modules are imported before (the option is eager), so the
+    solvers they register are valid choices.
+    """
+
+    def convert(
+        self, value: object, param: click.Parameter | None, ctx: click.Context | None
+    ) -> str:
+        self.choices = tuple(available_solvers())
+        return str(super().convert(value, param, ctx))
+
+
 def _default_solver() -> str:
     solvers = available_solvers()
     return "auto" if "auto" in solvers else solvers[0]
+
+
+def _import_plugins(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> tuple[str, ...]:
+    for name in values:
+        try:
+            importlib.import_module(name)
+        except ImportError as err:
+            raise click.BadParameter(
+                f"cannot import {name!r} ({type(err).__name__}: {err}); give a "
+                "PKG.MODULE on PYTHONPATH",
+                ctx,
+                param,
+            ) from err
+    return values
 
 
 def _split_names(values: tuple[str, ...]) -> list[str] | None:
@@ -64,10 +118,10 @@ def _split_names(values: tuple[str, ...]) -> list[str] | None:
 )
 @click.option(
     "--solver",
-    type=click.Choice(available_solvers()),
+    type=_SolverChoice(available_solvers()),
     default=_default_solver(),
     show_default=True,
-    help="Probe solver.",
+    help="Probe solver; --plugin modules may register more.",
 )
 @click.option(
     "--C",
@@ -83,7 +137,9 @@ def _split_names(values: tuple[str, ...]) -> list[str] | None:
     type=int,
     default=-1,
     show_default=True,
-    help="Probes fitted in parallel; -1 uses every core.",
+    help="Probes fitted in parallel; -1 uses every core, or every worker "
+    "thread of a Dask cluster. With --backend dask and no scheduler: the number "
+    "of local worker processes.",
 )
 @click.option(
     "--sites",
@@ -131,6 +187,53 @@ def _split_names(values: tuple[str, ...]) -> list[str] | None:
     "its memory.",
 )
 @click.option("--force", is_flag=True, help="Refit probes whose report is current.")
+@click.option(
+    "--retry-failed",
+    is_flag=True,
+    help="Refit probes that failed in an earlier run; by default they keep their "
+    "failed entry.",
+)
+@click.option("--shard", "shard_text", metavar="I/N", help=SHARD_HELP)
+@click.option(
+    "--backend",
+    type=click.Choice(BACKENDS),
+    default=None,
+    help="joblib backend: loky (processes, the default), threading, or dask "
+    "(a running scheduler, or a local cluster on 127.0.0.1 when none is given).",
+)
+@click.option(
+    "--scheduler",
+    metavar="ADDRESS",
+    help="Address of a running Dask scheduler, such as tcp://node7:8786.",
+)
+@click.option(
+    "--scheduler-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="JSON file in which a running Dask scheduler wrote its address.",
+)
+@click.option(
+    "--plugin",
+    "plugins",
+    multiple=True,
+    metavar="PKG.MODULE",
+    is_eager=True,
+    callback=_import_plugins,
+    help="Import this module here and in every worker before fitting, such as "
+    "one that registers a solver. Repeatable.",
+)
+@click.option(
+    "--hdf5-locking",
+    type=click.Choice(HDF5_LOCKING_MODES),
+    default=None,
+    help=HDF5_LOCKING_HELP,
+)
+@click.option(
+    "--claim-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_CLAIM_TIMEOUT,
+    show_default=True,
+    help=CLAIM_TIMEOUT_HELP,
+)
 @click.option("--quiet", is_flag=True, help="Hide the progress bar.")
 def fit_command(
     acts_dir: Path,
@@ -146,34 +249,53 @@ def fit_command(
     warm_start: bool,
     device: str,
     force: bool,
+    retry_failed: bool,
+    shard_text: str | None,
+    backend: str | None,
+    scheduler: str | None,
+    scheduler_file: Path | None,
+    plugins: tuple[str, ...],
+    hdf5_locking: str | None,
+    claim_timeout: float,
     quiet: bool,
 ) -> None:
     """Fit a linear probe to every probe site of every shard in ACTS_DIR.
 
     ACTS_DIR is the --out folder of `probecvx extract`. Prints the path of each
     report written, one a line; progress and warnings go to stderr. Probes
-    whose report is current are skipped, so an interrupted run can simply be
-    run again. Exits with status 1 when a probe or a shard failed, after
-    fitting all the others.
+    whose result is current are skipped, and so are probes that failed
+    before unless --retry-failed, so an interrupted run can simply be run
+    again. Several runs may share ACTS_DIR and --out, because each probe is
+    claimed by one process at a time. Exits with status 1 when a probe or a
+    shard failed, after fitting all the others.
     """
+    shard = resolve_shard(shard_text)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
-        summary = fit_shards(
-            acts_dir,
-            out_dir,
-            solver=solver,
-            Cs=Cs,
-            sites=_split_names(sites),
-            checkpoints=_split_names(checkpoints),
-            n_jobs=n_jobs,
-            tol=tol,
-            max_iter=max_iter,
-            early_stopping=early_stopping,
-            warm_start=warm_start,
-            device=device,
-            force=force,
-            progress=not quiet,
-        )
+        with parallel_backend(
+            backend, n_jobs=n_jobs, scheduler=scheduler, scheduler_file=scheduler_file
+        ):
+            summary = fit_shards(
+                acts_dir,
+                out_dir,
+                solver=solver,
+                Cs=Cs,
+                sites=_split_names(sites),
+                checkpoints=_split_names(checkpoints),
+                n_jobs=n_jobs,
+                tol=tol,
+                max_iter=max_iter,
+                early_stopping=early_stopping,
+                warm_start=warm_start,
+                device=device,
+                force=force,
+                progress=not quiet,
+                shard=shard,
+                retry_failed=retry_failed,
+                plugins=plugins,
+                hdf5_locking=hdf5_locking,
+                claim_timeout=claim_timeout,
+            )
     for warning in caught:
         if issubclass(warning.category, ConvergenceWarning):
             click.echo(f"Warning: {warning.message}", err=True)
@@ -193,10 +315,16 @@ def _failure_line(summary: FitSummary) -> str:
     parts = []
     if summary.failed_units:
         parts.append(f"{summary.n_failed} of {summary.n_units} probes failed")
+    if summary.failed_earlier:
+        parts.append(
+            f"{len(summary.failed_earlier)} probes failed in an earlier run and were "
+            "not refitted (pass --retry-failed to refit them)"
+        )
     if summary.failed_checkpoints:
         parts.append(f"{len(summary.failed_checkpoints)} shards could not be read")
-    if summary.failed_units:
-        checkpoint, site, error = summary.failed_units[0]
+    failed_probes = summary.failed_units or summary.failed_earlier
+    if failed_probes:
+        checkpoint, site, error = failed_probes[0]
         first = f"first: probe {site} at {checkpoint}: {error}"
     else:
         checkpoint, error = summary.failed_checkpoints[0]
