@@ -1527,12 +1527,13 @@ def _log_unit(result: UnitResult) -> None:
 def _warn_not_converged(summary: FitSummary, settings: FitSettings) -> None:
     if not summary.n_not_converged:
         return
+    early = " or by early stopping" if settings.early_stopping else ""
     warnings.warn(
         f"{summary.n_not_converged} of {summary.n_fitted} probes did not converge: "
         f"they stopped before meeting tol={settings.tol:g}, at "
-        f"max_iter={settings.max_iter} or when the solver could not make "
-        "progress. Their reports mark them converged: false. Raise max_iter or "
-        "tol and re-run to refit them",
+        f"max_iter={settings.max_iter}, when the solver could not make "
+        f"progress{early}. Their reports mark them converged: false. Raise "
+        "max_iter or tol and re-run to refit them",
         ConvergenceWarning,
         stacklevel=3,
     )

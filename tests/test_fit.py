@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -508,11 +509,24 @@ def test_early_stopping_passed_through(tmp_path: Path) -> None:
     no_val = np.where(split == 1, 0, split).astype(np.uint8)
     write_shard(tmp_path / "acts", "step_1", 1, {"input": values}, split=no_val)
 
-    summary = fit(tmp_path / "acts", tmp_path / "out", Cs=[1.0], early_stopping=True)
+    # A solver may stop a probe early, before its optimum, and then reports it
+    # as not converged.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        summary = fit(
+            tmp_path / "acts", tmp_path / "out", Cs=[1.0], early_stopping=True
+        )
     with_val = read_report(tmp_path / "out" / "step_0.json")
     without_val = read_report(tmp_path / "out" / "step_1.json")
+    entries = [site_entry(report, "input") for report in (with_val, without_val)]
+    n_not_converged = sum(not entry["solver"]["converged"] for entry in entries)
 
     assert summary.ok
+    assert summary.n_not_converged == n_not_converged
+    assert [str(w.message) for w in caught if "early stopping" in str(w.message)] == [
+        str(w.message) for w in caught
+    ]
+    assert len(caught) == (1 if n_not_converged else 0)
     assert with_val["fit"]["early_stopping"] is True
     assert site_entry(with_val, "input")["status"] == "ok"
     assert site_entry(without_val, "input")["status"] == "ok"
