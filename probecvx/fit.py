@@ -47,6 +47,7 @@ from probecvx import cluster, reports
 from probecvx.atomic import atomic_path, remove_stale_temp_files, write_text_atomic
 from probecvx.claims import (
     DEFAULT_CLAIM_TIMEOUT,
+    LOCK_WAIT,
     Claim,
     Owner,
     break_claim,
@@ -745,6 +746,7 @@ def _write_plan_file(
     }
     folder = out_dir / UNITS_DIR
     folder.mkdir(exist_ok=True)
+    remove_stale_temp_files(folder)
     write_text_atomic(folder / PLAN_NAME, json.dumps(doc, indent=1) + "\n")
 
 
@@ -1398,7 +1400,10 @@ class _Run:
         lock = self.out_dir / UNITS_DIR / _INDEX_LOCK
         lock.parent.mkdir(parents=True, exist_ok=True)
         owner = self.context.owner
-        with exclusive(lock, owner, timeout=self.context.claim_timeout):
+        # Wait past the claim timeout, so that a lock left by a dead process
+        # on another host becomes stale before this run gives up.
+        timeout = self.context.claim_timeout
+        with exclusive(lock, owner, timeout=timeout, wait=timeout + LOCK_WAIT):
             base = (
                 reports.ReportIndex.load(self.out_dir)
                 if rebuild
