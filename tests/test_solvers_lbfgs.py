@@ -81,13 +81,17 @@ def relative_gap(
     return (ours - best) / best, best
 
 
+@pytest.mark.parametrize("preconditioner", ["covariance", "diagonal"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("C", [0.05, 1.0, 20.0])
-def test_lbfgs_matches_sklearn(seed: int, dtype: type, C: float) -> None:
+def test_lbfgs_matches_sklearn(
+    seed: int, dtype: type, C: float, preconditioner: str
+) -> None:
     rng = np.random.default_rng(seed)
     X, y = make_problem(rng, n=300, d=8, k=4, dtype=dtype)
+    solver = LbfgsSolver(preconditioner=preconditioner)
 
-    fit = LbfgsSolver().fit(X, y, 4, [C], tol=DEFAULT_TOL, max_iter=500)[0]
+    fit = solver.fit(X, y, 4, [C], tol=DEFAULT_TOL, max_iter=500)[0]
 
     gap, best = relative_gap(X, y, C, fit.coef, fit.intercept)
     assert fit.converged
@@ -167,8 +171,9 @@ def test_lbfgs_constant_column(seed: int) -> None:
     assert abs(gap) <= GAP
 
 
+@pytest.mark.parametrize("preconditioner", ["covariance", "diagonal"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_lbfgs_huge_column_scale(seed: int, dtype: type) -> None:
+def test_lbfgs_huge_column_scale(seed: int, dtype: type, preconditioner: str) -> None:
     # scikit-learn's lbfgs needs thousands of iterations here and still stops
     # short, so the reference is a float64 fit at a tight tolerance, and the
     # gradient is checked in float64 independently of the solver.
@@ -177,9 +182,8 @@ def test_lbfgs_huge_column_scale(seed: int, dtype: type) -> None:
     X[:, :2] *= 1e4
     tight = LbfgsSolver().fit(X, y, 3, [1.0], tol=1e-10, max_iter=2000)[0]
 
-    fit = LbfgsSolver().fit(
-        X.astype(dtype), y, 3, [1.0], tol=DEFAULT_TOL, max_iter=500
-    )[0]
+    solver = LbfgsSolver(preconditioner=preconditioner)
+    fit = solver.fit(X.astype(dtype), y, 3, [1.0], tol=DEFAULT_TOL, max_iter=500)[0]
 
     f, grad_coef, grad_intercept = loss_and_gradient(X, y, fit.coef, fit.intercept, 1.0)
     scale = feature_scale(np.mean(X**2, axis=0))
@@ -313,6 +317,30 @@ def test_lbfgs_warns_at_max_iter(seed: int) -> None:
     assert not fit.converged
     assert fit.n_iter == 3
     assert fit.extra["stop_reason"] == "max_iter"
+
+
+def test_lbfgs_rejects_unknown_preconditioner() -> None:
+    with pytest.raises(SolverError, match="invalid preconditioner 'newton'"):
+        LbfgsSolver(preconditioner="newton")
+
+
+def test_lbfgs_covariance_preconditioner_saves_passes(seed: int) -> None:
+    # Strongly correlated features: a few latent factors mixed into many.
+    rng = np.random.default_rng(seed)
+    latent, y = make_problem(rng, n=600, d=4, k=3, spread=1.5)
+    X = latent @ rng.standard_normal((4, 40)) + 0.1 * rng.standard_normal((600, 40))
+    X = (X - X.mean(axis=0)) / X.std(axis=0)
+
+    diagonal = LbfgsSolver(preconditioner="diagonal").fit(
+        X, y, 3, [1.0], tol=DEFAULT_TOL, max_iter=2000
+    )[0]
+    covariance = LbfgsSolver(preconditioner="covariance").fit(
+        X, y, 3, [1.0], tol=DEFAULT_TOL, max_iter=2000
+    )[0]
+
+    assert covariance.converged
+    assert covariance.data_passes < diagonal.data_passes
+    assert covariance.objective == pytest.approx(diagonal.objective, rel=GAP)
 
 
 def test_lbfgs_rejects_nonpositive_c(seed: int) -> None:

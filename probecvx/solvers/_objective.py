@@ -187,6 +187,10 @@ class Evaluator(Protocol):
         """Return ``mean_i x_ij^2`` for each feature ``j``, shape (n_features,)."""
         ...
 
+    def gram(self) -> np.ndarray:
+        """Return ``X^T X / n``, shape (n_features, n_features), float64."""
+        ...
+
     def loss_error(
         self, coef: np.ndarray, intercept: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -249,6 +253,13 @@ class NumpyEvaluator:
         total = np.zeros(self.n_features)
         for rows, _ in self._blocks():
             total += np.square(rows, dtype=np.float64).sum(axis=0)
+        return total / self.n_samples
+
+    def gram(self) -> np.ndarray:
+        """Return ``X^T X / n``, shape (n_features, n_features), float64."""
+        total = np.zeros((self.n_features, self.n_features))
+        for rows, _ in self._blocks():
+            total += rows.T @ rows
         return total / self.n_samples
 
     def _stacked_weights(self, coef: np.ndarray) -> np.ndarray:
@@ -388,6 +399,15 @@ class TorchEvaluator:
         total = torch.zeros(self.n_features, dtype=torch.float64, device=self.device)
         for rows, _ in self._blocks():
             total += rows.to(torch.float64).square().sum(dim=0)
+        return total.cpu().numpy() / self.n_samples
+
+    def gram(self) -> np.ndarray:
+        """Return ``X^T X / n``, shape (n_features, n_features), float64."""
+        torch = self.torch
+        d = self.n_features
+        total = torch.zeros((d, d), dtype=torch.float64, device=self.device)
+        for rows, _ in self._blocks():
+            total += (rows.T @ rows).to(torch.float64)
         return total.cpu().numpy() / self.n_samples
 
     def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
