@@ -134,7 +134,9 @@ def lbfgs_working_bytes(
     # One block of X in the GEMM dtype, plus the block's logits of every
     # probe: the GEMM output, its float64 copy and the residual for the GEMM.
     block = rows * (n_features * itemsize + n_probes * n_classes * 16)
-    return state + block
+    # The covariance preconditioner: the Gram matrix and its eigenvectors.
+    covariance = 2 * n_features * n_features * 8
+    return state + block + covariance
 
 
 class AutoSolver:
