@@ -403,8 +403,7 @@ class LbfgsSolver:
         ]
 
         loop = _Lockstep(problems, train, present, n_classes, tol, max_iter)
-        if early_stopping:
-            assert val is not None
+        if early_stopping and val is not None:
             loop.stop_early(val, self.patience)
         loop.run(start_time)
 
@@ -496,6 +495,7 @@ class _Lockstep:
             strict=True,
         ):
             problem.start(objective, grad, self.tol)
+            problem.stopped_at = time.perf_counter() - start_time
             if self.val is not None:
                 problem.observe_validation(val_loss, self.patience)
 
