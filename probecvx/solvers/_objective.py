@@ -333,6 +333,9 @@ class TorchEvaluator:
     numpy memory). Only the weights, ``m * K * (n_features + 1)`` values,
     travel between host and device at each evaluation.
 
+    NOTE: the tests run this class on ``"cpu"`` only; no CUDA device was
+    available when it was written, so the ``"cuda"`` path has not been run.
+
     Parameters
     ----------
     X : ndarray of shape (n_samples, n_features)
