@@ -268,6 +268,25 @@ def exclusive(
         result.release()
 
 
+def remove_stale_claims(folder: Path, pattern: str, *, timeout: float) -> list[Path]:
+    """Break the stale claims in ``folder`` whose names match ``pattern``.
+
+    A process killed after committing a unit but before releasing its claim
+    leaves a claim that no later run would touch, because the unit is done.
+    Returns the claims removed.
+    """
+    removed = []
+    for path in Path(folder).glob(pattern):
+        record = read_claim(path)
+        if record is None:
+            continue
+        reason = record.stale_reason(timeout)
+        if reason is not None and break_claim(record):
+            logger.info("removed the stale claim %s: %s", path, reason)
+            removed.append(path)
+    return removed
+
+
 def check_claim_timeout(timeout: float) -> float:
     """Return ``timeout`` as a float, or raise InvalidInputError if not positive."""
     if isinstance(timeout, bool) or not isinstance(timeout, int | float):

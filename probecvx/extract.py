@@ -52,10 +52,12 @@ from probecvx.checkpoints import (
     load_model,
 )
 from probecvx.claims import (
+    CLAIM_SUFFIX,
     DEFAULT_CLAIM_TIMEOUT,
     Claim,
     Owner,
     check_claim_timeout,
+    remove_stale_claims,
     slurm_task_label,
     try_claim,
     utc_now,
@@ -92,9 +94,8 @@ FLOAT16_MAX = float(np.finfo(np.float16).max)  # 65504
 DRY_BATCH_ROWS = 4
 
 
-#: Suffixes of the hidden files beside a shard: its claim while a process
-#: writes it, and the record of its failure (with ``keep_going``).
-CLAIM_SUFFIX = ".claim"
+#: Suffix of the hidden file beside a shard that records why its checkpoint
+#: failed (with ``keep_going``). Its claim is ``.<name>.h5`` + CLAIM_SUFFIX.
 FAILURE_SUFFIX = ".failed.json"
 FAILURE_FORMAT = "probecvx-extract-failure"
 
@@ -300,6 +301,9 @@ def extract_checkpoints(
         logger.info(
             "removed %d temporary files of a killed run in %s", len(removed), out_dir
         )
+    remove_stale_claims(
+        out_dir, f".*{SHARD_SUFFIX}{CLAIM_SUFFIX}", timeout=claim_timeout
+    )
 
     started = time.perf_counter()
     summary = ExtractSummary()

@@ -46,6 +46,7 @@ from tqdm import tqdm
 from probecvx import cluster, reports
 from probecvx.atomic import atomic_path, remove_stale_temp_files, write_text_atomic
 from probecvx.claims import (
+    CLAIM_SUFFIX,
     DEFAULT_CLAIM_TIMEOUT,
     LOCK_WAIT,
     Claim,
@@ -55,6 +56,7 @@ from probecvx.claims import (
     claim_path,
     exclusive,
     read_claim,
+    remove_stale_claims,
     slurm_task_label,
     try_claim,
     utc_now,
@@ -818,6 +820,9 @@ def _plan_units(
         units_folder = unit_path(out_dir, name, "-").parent
         if units_folder.is_dir():
             remove_stale_temp_files(units_folder)
+            remove_stale_claims(
+                units_folder, f"*{CLAIM_SUFFIX}", timeout=context.claim_timeout
+            )
         current = _current_entries(out_dir, info, settings_hash)
 
         for order, site in enumerate(info.sites):

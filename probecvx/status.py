@@ -29,14 +29,15 @@ from typing import Any
 from probecvx import reports
 from probecvx.atomic import TEMP_PREFIX, temp_owner
 from probecvx.checkpoints import checkpoint_sha256, discover_checkpoints
-from probecvx.claims import DEFAULT_CLAIM_TIMEOUT, ClaimRecord, claim_path, read_claim
-from probecvx.errors import InvalidInputError, ReportError, ShardError
-from probecvx.extract import (
+from probecvx.claims import (
     CLAIM_SUFFIX,
-    FAILURE_SUFFIX,
-    claim_path_of,
-    read_failure,
+    DEFAULT_CLAIM_TIMEOUT,
+    ClaimRecord,
+    claim_path,
+    read_claim,
 )
+from probecvx.errors import InvalidInputError, ReportError, ShardError
+from probecvx.extract import FAILURE_SUFFIX, claim_path_of, read_failure
 from probecvx.fit import (
     PLAN_FORMAT,
     PLAN_NAME,
