@@ -350,6 +350,34 @@ def test_claim_of_same_run_elsewhere_is_stale(tmp_path: Path) -> None:
     claim.release()
 
 
+def test_stale_claim_of_done_unit_removed(tmp_path: Path) -> None:
+    acts, out = tmp_path / "acts", tmp_path / "out"
+    write_series(acts, steps=(0,))
+    fit(acts, out)
+    # As if killed after committing the unit but before releasing its claim.
+    stale = claim_path(unit_path(out, "step_0", "fc"))
+    doc = {
+        "host": host_name(),
+        "pid": dead_pid(),
+        "task": None,
+        "run": "old",
+        "started": "2020-01-01T00:00:00+00:00",
+        "token": "t",
+    }
+    stale.write_text(json.dumps(doc))
+    live = claim_path(unit_path(out, "step_0", "input"))
+    held = try_claim(live, Owner.new_run(None), timeout=60)
+    assert isinstance(held, Claim)
+
+    summary = fit(acts, out)
+    live_kept = live.exists()
+    held.release()
+
+    assert summary.n_fitted == 0
+    assert not stale.exists()
+    assert live_kept
+
+
 def test_heartbeat_refreshes_held_claim(tmp_path: Path) -> None:
     path = tmp_path / "unit.json.claim"
     claim = try_claim(path, Owner.new_run(None), timeout=0.8)
@@ -745,6 +773,7 @@ def test_lock_failure_names_the_fix(tmp_path: Path) -> None:
         stdout=subprocess.PIPE,
         text=True,
     )
+
     with holder:
         try:
             assert holder.stdout is not None
@@ -767,6 +796,7 @@ def test_lock_failure_names_the_fix(tmp_path: Path) -> None:
             )
         finally:
             holder.kill()
+
     assert done.returncode == 1, done.stderr
     index = read_index(tmp_path / "out" / INDEX_NAME)
     error = {e["checkpoint"]: e["error"] for e in index["checkpoints"]}["step_10"]
