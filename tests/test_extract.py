@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 import safetensors.torch
 import torch
+from click.testing import CliRunner
 
 from probecvx.atomic import TEMP_PREFIX, host_name
 from probecvx.checkpoints import checkpoint_sha256, resolve_model_factory
+from probecvx.cli import main
 from probecvx.datasets import ProbeDataset, load_dataset
 from probecvx.errors import ExtractionError, InvalidInputError, SiteError
 from probecvx.extract import (
@@ -367,6 +369,59 @@ def test_nan_names_checkpoint_and_site(tmp_path: Path, dataset) -> None:
     assert "probe site log has 40 NaN or infinite values" in message
     assert "first in sample row 0" in message
     assert list(out.iterdir()) == []
+
+
+def test_keep_going_records_failure(tmp_path: Path, dataset) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    for step, bias in ((5, 1.0), (7, -100.0), (9, 2.0)):
+        model = LogNet()
+        with torch.no_grad():
+            model.fc.weight.zero_()
+            model.fc.bias.fill_(bias)  # log of a negative number is NaN
+        torch.save(model.state_dict(), folder / f"step_{step}.pt")
+    factory = resolve_model_factory("tests.tinymodels:LogNet")
+    out = tmp_path / "acts"
+
+    first = run(folder, dataset, out, factory, keep_going=True)
+    failure = json.loads((out / ".step_7.h5.failed.json").read_text())
+    second = run(folder, dataset, out, factory, keep_going=True)
+    retried = run(folder, dataset, out, factory, keep_going=True, retry_failed=True)
+
+    assert [r.status for r in first.records] == ["written", "failed", "written"]
+    assert "probe site log has" in (first.failed[0].error or "")
+    assert failure["error"] == first.failed[0].error
+    assert failure["shard_id"] == first.failed[0].shard_id
+    assert failure["provenance"]["host"] == host_name()
+    assert [r.status for r in second.records] == ["skipped", "failed", "skipped"]
+    assert (second.failed[0].error or "").startswith("failed in an earlier run: ")
+    assert [r.status for r in retried.records] == ["skipped", "failed", "skipped"]
+    assert "probe site log has" in (retried.failed[0].error or "")
+    assert sorted(p.name for p in out.iterdir()) == [
+        ".step_7.h5.failed.json",
+        "step_5.h5",
+        "step_9.h5",
+    ]
+
+
+def test_cli_keep_going_exits_1(tmp_path: Path, tiny_data_file: Path) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    model = LogNet()
+    with torch.no_grad():
+        model.fc.bias.fill_(-100.0)
+    torch.save(model.state_dict(), folder / "step_7.pt")
+    out = tmp_path / "acts"
+    args = ["extract", str(folder), "--data", str(tiny_data_file), "--out", str(out)]
+    args += ["--model", "tests.tinymodels:LogNet", "--device", "cpu", "--quiet"]
+
+    result = CliRunner().invoke(main, [*args, "--keep-going"])
+
+    assert result.exit_code == 1
+    assert result.stdout == f"{out / 'step_7.h5'}\tfailed\n"
+    assert result.stderr.startswith("Error: 1 of 1 checkpoints failed; the others")
+    assert "--retry-failed" in result.stderr
+    assert "probe site log has" in result.stderr
 
 
 def test_training_mode_restored_on_error(tmp_path: Path, dataset) -> None:
