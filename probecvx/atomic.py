@@ -100,6 +100,8 @@ def atomic_path(final: Path) -> Iterator[Path]:
         prefix=f"{TEMP_PREFIX}{final.name}.{owner}{_OWNER_SEPARATOR}",
         dir=final.parent,
     )
+    # mkstemp creates the file as 0600; give it the mode a plain open() would.
+    os.fchmod(fd, 0o666 & ~_current_umask())
     os.close(fd)
     temp = Path(temp_name)
     try:
@@ -154,6 +156,20 @@ def remove_stale_temp_files(
             path.unlink()
             removed.append(path)
     return removed
+
+
+def _current_umask() -> int:
+    """Return the process umask, read without changing it where Linux allows."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_file(path: Path) -> None:
