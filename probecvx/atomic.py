@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from probecvx.errors import InvalidInputError
+
 logger = logging.getLogger(__name__)
 
 TEMP_PREFIX = ".probecvx-tmp-"
@@ -113,6 +115,31 @@ def atomic_path(final: Path) -> Iterator[Path]:
         with contextlib.suppress(FileNotFoundError):
             temp.unlink()
         raise
+
+
+def prepare_out_dir(out_dir: Path, option: str = "--out") -> Path:
+    """Create ``out_dir`` if missing and check that files can be created in it.
+
+    Raises
+    ------
+    InvalidInputError
+        When it is a file, cannot be created, or is not writable.
+    """
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InvalidInputError(
+            f"output folder {out_dir} is a file; pass a folder to {option}"
+        )
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        # A real file creation catches read-only mounts that os.access misses.
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as err:
+        raise InvalidInputError(
+            f"output folder {out_dir} cannot be created or written "
+            f"({err.strerror or err}); pass a folder you can write to with {option}"
+        ) from err
+    return out_dir
 
 
 def write_bytes_atomic(final: Path, data: bytes) -> None:

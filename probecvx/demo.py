@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from probecvx.atomic import atomic_path, write_text_atomic
+from probecvx.atomic import atomic_path, prepare_out_dir, write_text_atomic
 from probecvx.datasets import SPLIT_CODES, ProbeDataset, load_dataset
 from probecvx.errors import InvalidInputError
 from probecvx.extract import extract_checkpoints
@@ -615,7 +615,7 @@ def _claim_out_dir(out_dir: Path, settings: Mapping[str, Any]) -> bool:
         )
         for name in SUBFOLDERS:
             shutil.rmtree(out_dir / name, ignore_errors=True)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    prepare_out_dir(out_dir)
     marker = {"format": MARKER_FORMAT, "settings": dict(settings)}
     write_text_atomic(out_dir / MARKER_NAME, json.dumps(marker, indent=2) + "\n")
     return False

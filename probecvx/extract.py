@@ -30,7 +30,6 @@ import hashlib
 import json
 import logging
 import sys
-import tempfile
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -44,7 +43,11 @@ from torch import nn
 from tqdm import tqdm
 
 from probecvx import cluster
-from probecvx.atomic import remove_stale_temp_files, write_text_atomic
+from probecvx.atomic import (
+    prepare_out_dir,
+    remove_stale_temp_files,
+    write_text_atomic,
+)
 from probecvx.checkpoints import (
     CheckpointRef,
     checkpoint_sha256,
@@ -387,31 +390,6 @@ def resolve_device(device: str) -> torch.device:
             "machine; use --device cpu or --device auto"
         )
     return torch.device(name)
-
-
-def prepare_out_dir(out_dir: Path) -> Path:
-    """Create ``out_dir`` if missing and check that files can be created in it.
-
-    Raises
-    ------
-    InvalidInputError
-        When it is a file, cannot be created, or is not writable.
-    """
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InvalidInputError(
-            f"output folder {out_dir} is a file; pass a folder to --out"
-        )
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # A real file creation catches read-only mounts that os.access misses.
-        with tempfile.TemporaryFile(dir=out_dir):
-            pass
-    except OSError as err:
-        raise InvalidInputError(
-            f"output folder {out_dir} cannot be created or written "
-            f"({err.strerror or err}); pass a folder you can write to with --out"
-        ) from err
-    return out_dir
 
 
 def shard_id_for(

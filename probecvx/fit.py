@@ -44,7 +44,12 @@ from threadpoolctl import threadpool_limits
 from tqdm import tqdm
 
 from probecvx import cluster, reports
-from probecvx.atomic import atomic_path, remove_stale_temp_files, write_text_atomic
+from probecvx.atomic import (
+    atomic_path,
+    prepare_out_dir,
+    remove_stale_temp_files,
+    write_text_atomic,
+)
 from probecvx.claims import (
     CLAIM_SUFFIX,
     DEFAULT_CLAIM_TIMEOUT,
@@ -372,7 +377,7 @@ def fit_shards(
         selected_sites = _select_sites(states, sites)
 
         # Plan every selected unit, then keep this task's part of them.
-        out_dir.mkdir(parents=True, exist_ok=True)
+        prepare_out_dir(out_dir)
         remove_stale_temp_files(out_dir)
         _write_plan_file(out_dir, Path(acts_dir), sites, checkpoints, context)
         plan = _plan(states, selected_sites, context, out_dir, shard, n_workers)

@@ -38,7 +38,7 @@ from matplotlib.colors import Colormap, PowerNorm
 from matplotlib.figure import Figure
 
 from probecvx import __version__
-from probecvx.atomic import atomic_path, write_text_atomic
+from probecvx.atomic import atomic_path, prepare_out_dir, write_text_atomic
 from probecvx.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -542,8 +542,7 @@ def write_report_figures(
     if sites is not None:
         _validate_sites(sites, grid.sites)
 
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(Path(out_dir))
     written = [
         plot_training_heatmap(rows, out_dir / HEATMAP_NAME),
         plot_error_curves(rows, out_dir / CURVES_NAME, sites),
