@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from probecvx.cli import main
 from probecvx.datasets import load_dataset
 from probecvx.extract import extract_checkpoints
 from probecvx.fit import fit_shards
-from probecvx.reports import load_table
+from probecvx.reports import ReportIndex, load_table
 
 STEPS = [0, 4]
 
@@ -116,3 +117,18 @@ def test_report_folder_without_reports(tmp_path: Path) -> None:
     assert code == 2
     assert str(tmp_path) in stderr
     assert "probecvx fit" in stderr
+
+
+def test_report_names_failed_checkpoint(reports_dir: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "reports"
+    shutil.copytree(reports_dir, copy)
+    index = ReportIndex.load(copy)
+    index.set_failed("step_000009", "acts/step_000009.h5", "cannot read shard")
+    index.write(copy)
+
+    code, stdout, stderr = invoke("report", str(copy), "--no-figures")
+
+    assert code == 0
+    assert "step_000009 has no report" in stderr
+    assert "cannot read shard" in stderr
+    assert stdout == plots.render_table(load_table(reports_dir))

@@ -8,7 +8,8 @@ import click
 
 from probecvx import plots
 from probecvx.cli import main
-from probecvx.reports import load_table
+from probecvx.errors import ReportError
+from probecvx.reports import INDEX_NAME, load_table, read_index
 
 
 def _split_sites(value: str | None) -> list[str] | None:
@@ -95,6 +96,7 @@ def report_command(
                 f"unknown probe site {site!r}; sites in {reports_dir}: {listing}",
                 param_hint="--sites",
             )
+    _warn_failed_checkpoints(reports_dir)
     if table_format == "csv":
         click.echo(plots.render_csv(records), nl=False)
     else:
@@ -109,3 +111,22 @@ def report_command(
     click.echo(f"wrote {len(written)} files to {out_dir}", err=True)
     if fmt == "html":
         click.echo(f"open {written[-1]} in a browser", err=True)
+
+
+def _warn_failed_checkpoints(reports_dir: Path) -> None:
+    """Name on stderr the checkpoints that the index lists without a report."""
+    index_path = reports_dir / INDEX_NAME
+    if not index_path.exists():
+        return
+    try:
+        index = read_index(index_path)
+    except ReportError as err:
+        click.echo(f"Warning: {err}", err=True)
+        return
+    for entry in index["checkpoints"]:
+        if entry["report"] is None:
+            click.echo(
+                f"Warning: checkpoint {entry['checkpoint']} has no report and is "
+                f"left out: {entry['error']}",
+                err=True,
+            )
