@@ -860,6 +860,12 @@ def _torch_load(path: Path, map_location: str, trust: bool) -> object:
     )
     try:
         return torch.load(path, map_location=map_location, weights_only=False)
+    except (ModuleNotFoundError, AttributeError) as err:
+        raise CheckpointError(
+            f"checkpoint {path} pickles a class that cannot be imported here "
+            f"({type(err).__name__}: {_first_line(err)}); put the module that "
+            "defines the model on PYTHONPATH, or save a state_dict and pass --model"
+        ) from err
     except Exception as err:
         raise CheckpointError(_unreadable_message(path, err)) from err
 
@@ -896,7 +902,9 @@ def _unpickling_reason(err: Exception) -> str:
     for marker in ("Unsupported global:", "unsupported GLOBAL", "Unsupported operand"):
         for line in text.splitlines():
             if marker in line:
-                return line.replace("WeightsUnpickler error:", "").strip()
+                reason = line.replace("WeightsUnpickler error:", "")
+                # Drop torch's advice to allow-list the class in code.
+                return reason.split(" Please use", 1)[0].strip().rstrip(".")
     return "the file contains an object that the weights-only unpickler rejects"
 
 
