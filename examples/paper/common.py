@@ -36,7 +36,7 @@ SIZES = ("quick", "paper")
 
 @dataclass(frozen=True)
 class ProbeRun:
-    """Where one probe run writes, and the settings of its probes."""
+    """The folders of one probe run: checkpoints, shards, reports and figures."""
 
     checkpoint_dir: Path
     acts_dir: Path

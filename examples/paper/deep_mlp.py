@@ -1,10 +1,10 @@
 """Probe a pathologically deep MLP over training: auxiliary heads or a skip.
 
-The third experiment of Alain & Bengio (2016, arXiv:1610.01644): 128
-fully-connected layers of 128 units with LeakyReLU and Glorot-normal weights
-are too deep to train from the loss at the top alone, because the signal that
-reaches the deep layers at initialisation carries almost nothing about the
-class. Two changes make the model trainable, and probes show how:
+The third experiment of Alain & Bengio (2016, arXiv:1610.01644) uses 128
+fully-connected layers of 128 units with LeakyReLU and Glorot-normal weights.
+That is too deep to train from the loss at the top alone, because the signal
+that reaches the deep layers at initialisation carries almost nothing about
+the class. Two changes make the model trainable, and probes show how:
 
 - ``aux``: a linear classifier after every 16th layer, each adding its
   cross-entropy to the loss. The layers become useful from left to right over
@@ -71,7 +71,7 @@ class SizeSettings:
 
     checkpoint_steps: tuple[int, ...]
     batch_size: int
-    site_stride: int  # probe every site_stride-th layer, plus the layers below
+    site_stride: int  # probe every site_stride-th layer, see probe_sites
     probe_Cs: tuple[float, ...] | None  # None: probecvx's default grid
 
 
@@ -92,8 +92,11 @@ SIZE_SETTINGS = {
 
 
 def probe_sites(stride: int, variant: str) -> list[str]:
-    """Return the probed sites: the input, every ``stride``-th activation and the
-    classifiers, with layer 1 and the layers on each side of the skip."""
+    """Return the probe sites of one variant, in forward order.
+
+    They are the input, layer 1, every ``stride``-th activation, the layers on
+    each side of the skip connection, and every classifier.
+    """
     layers = set(range(stride, DEPTH + 1, stride)) | {1}
     if variant == "skip":
         layers |= {SKIP_TO - 1, SKIP_TO}
@@ -156,10 +159,11 @@ def run_variant(
     root: Path,
     seed: int,
 ) -> dict[str, Any]:
-    """Train, checkpoint and probe one variant; return its results.
+    """Train, checkpoint and probe one variant, and return its results.
 
-    The model trains on the train rows of ``dataset``; the probes run on
-    ``probe_dataset``, the same data or a subsample of it with the same split.
+    The model trains on the train rows of ``dataset``. The probes run on
+    ``probe_dataset``, which is the same data or a subsample of it with the
+    same split.
     """
     in_features = int(np.prod(dataset.sample_shape))
     model_kwargs = {
@@ -241,16 +245,29 @@ _TITLES = {
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SIZES, default="quick")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="Folder for checkpoints, shards, reports and figures; created if missing.",
+    )
     parser.add_argument(
         "--data",
         default="digits",
         help="digits (default) or a folder of MNIST IDX files.",
     )
     parser.add_argument(
-        "--variant", choices=[*VARIANTS, "both"], default="both", help="Which model."
+        "--variant",
+        choices=[*VARIANTS, "both"],
+        default="both",
+        help="Model variant to train and probe (default both).",
     )
-    parser.add_argument("--seed", type=int, default=0, help="Seed of weights, split.")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of the weights, the data split and the batch order.",
+    )
     parser.add_argument(
         "--probe-limit",
         type=int,

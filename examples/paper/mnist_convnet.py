@@ -6,8 +6,9 @@ convolutional network of TensorFlow's MNIST tutorial (see
 convolution, ReLU and max-pooling, once at initialisation and once at the end
 of training. Probes stop early on a validation set (``probecvx fit
 --early-stopping``) and are scored on the test set. At initialisation the
-random features already help a linear classifier, the first ReLU most; after
-training the probe error falls from site to site towards the output.
+random features already help a linear classifier, and the first ReLU helps
+most. After training, the probe error falls from site to site towards the
+output.
 
 The model trains as in the tutorial: SGD with momentum 0.9, batches of 64, a
 learning rate of 0.01 decayed by 0.95 every epoch, dropout 0.5 after ``fc1``
@@ -72,7 +73,7 @@ WEIGHT_DECAY = 5e-4  # tf.nn.l2_loss is sum(w²) / 2, so its gradient is 5e-4 w
 # validation. probecvx moves val / (train + val) of an IDX train set to val.
 MNIST_SPLIT = (0.55, 0.05, 0.40)
 
-# Epochs by data and size: the tutorial trains 10 epochs on MNIST; digits has
+# Epochs by data and size. The tutorial trains 10 epochs on MNIST. Digits has
 # 1,078 train rows, 17 batches an epoch, so it needs more epochs.
 EPOCHS = {
     "digits": {"quick": 20, "paper": 60},
@@ -96,7 +97,7 @@ def train(
     run: ProbeRun,
     seed: int,
 ) -> list[dict[str, float]]:
-    """Train as the tutorial does; checkpoint at step 0 and at the end.
+    """Train as the tutorial does, saving checkpoints at step 0 and at the end.
 
     Returns the model's train and val error at both checkpoints.
     """
@@ -195,12 +196,24 @@ def _axis_top(values: list[float]) -> float:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SIZES, default="quick")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
     parser.add_argument(
-        "--data", default="digits", help="digits (default) or a folder of MNIST IDX."
+        "--out",
+        type=Path,
+        required=True,
+        help="Folder for checkpoints, shards, reports and figures; created if missing.",
+    )
+    parser.add_argument(
+        "--data",
+        default="digits",
+        help="digits (default) or a folder of MNIST IDX files.",
     )
     parser.add_argument("--epochs", type=int, help="Epochs (overrides --size).")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of weights, split.")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="Seed of the weights, the data split and the batch order.",
+    )
     parser.add_argument(
         "--probe-limit",
         type=int,

@@ -4,8 +4,8 @@ The first experiment of Alain & Bengio (2016, arXiv:1610.01644): a stack of
 32 fully-connected layers of 128 units with LeakyReLU(0.5) and Glorot-normal
 weights, never trained, fed ``x ~ N(0, I)`` in R^128 labelled
 ``y = sign(w @ x)``. A probe on the input separates the classes almost
-perfectly; probes deeper in the random network do worse and worse, towards
-the 50% of a coin flip.
+perfectly, and probes deeper in the random network do worse and worse,
+towards the 50% of a coin flip.
 
 Each experiment draws a new ``w`` (probecvx's ``toy`` data, seeded by the
 experiment number) and a new initialisation, saves the untrained weights as
@@ -70,7 +70,7 @@ PROBE_CS = (1e-3, 1e-2, 1e-1, 1.0)
 def run_experiment(
     index: int, n_samples: int, layer_stride: int, root: Path, n_jobs: int
 ) -> dict[str, float]:
-    """Initialise, save and probe one network; return the test error per site.
+    """Initialise, save and probe one network, and return the test error per site.
 
     The returned dict lists the sites in forward order.
     """
@@ -150,7 +150,12 @@ def plot_summary(summary: dict[str, Any], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=SIZES, default="quick")
-    parser.add_argument("--out", type=Path, required=True, help="Output folder.")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        help="Folder for checkpoints, shards, reports and figures; created if missing.",
+    )
     parser.add_argument(
         "--experiments", type=int, help="Number of experiments (overrides --size)."
     )
