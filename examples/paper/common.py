@@ -105,6 +105,7 @@ def probe_checkpoints(
     model_kwargs: Mapping[str, Any] | None = None,
     sites: Sequence[str] | None = None,
     early_stopping: bool = False,
+    warm_start: bool = True,
     Cs: Sequence[float] | None = None,
     n_jobs: int = 1,
     figures: bool = True,
@@ -126,6 +127,9 @@ def probe_checkpoints(
         Probe sites (names or globs); default every site.
     early_stopping : bool, default=False
         Stop each probe when its val loss stops improving (``--early-stopping``).
+    warm_start : bool, default=True
+        Start each probe from the previous checkpoint's solution for its site
+        (``--no-warm-start`` turns it off).
     Cs : sequence of float, optional
         Inverse penalty strengths tried per probe; default probecvx's grid.
     n_jobs : int, default=1
@@ -155,6 +159,7 @@ def probe_checkpoints(
         run.reports_dir,
         Cs=Cs,
         early_stopping=early_stopping,
+        warm_start=warm_start,
         n_jobs=n_jobs,
         progress=False,
     )

@@ -142,7 +142,7 @@ def train(
 
 
 def plot_results(
-    sites: list[str], errors: dict[str, dict[str, float]], path: Path
+    sites: list[str], errors: dict[str, dict[str, float]], data_name: str, path: Path
 ) -> None:
     """Draw the probe test error per site, at initialisation and trained."""
     import matplotlib
@@ -174,9 +174,9 @@ def plot_results(
     axes.set_ylim(0, 1.1 * y_top)
     axes.set_xticks(x, sites, rotation=45, ha="right")
     axes.set_ylabel("probe test error (%)")
-    axes.set_title("TensorFlow tutorial convnet: probes on each side of every layer")
+    axes.set_title(f"TensorFlow tutorial convnet on {data_name}: probes at every layer")
     axes.grid(axis="y", alpha=0.3)
-    axes.legend(loc="upper left")
+    axes.legend(loc="upper center")
     figure.tight_layout()
     figure.savefig(path)
     plt.close(figure)
@@ -255,6 +255,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model_kwargs=model_kwargs,
         sites=SITES,
         early_stopping=True,
+        # An early-stopped probe depends on where it starts, so each checkpoint's
+        # probes start from zero: a warm start from the untrained model's probes
+        # changed the test error of the input probe on the same data.
+        warm_start=False,
         Cs=PROBE_CS[args.size],
         n_jobs=args.jobs,
     )
@@ -273,7 +277,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - started, 1),
     }
     write_json(args.out / "results.json", doc)
-    plot_results(sites, errors, args.out / "mnist_convnet.png")
+    plot_results(sites, errors, dataset.name, args.out / "mnist_convnet.png")
 
     steps = list(errors)
     print(f"data: {dataset.name}, epochs: {epochs}, probe rows: {doc['probe_rows']}")
