@@ -4,6 +4,7 @@ from probecvx.solvers import (
     auto,  # noqa: F401  (registers auto)
     lbfgs,  # noqa: F401  (registers lbfgs)
     reference,  # noqa: F401  (registers sklearn-*)
+    saga,  # noqa: F401  (registers saga and sag)
 )
 from probecvx.solvers.base import (
     ProbeFit,

@@ -1,0 +1,181 @@
+"""Numba kernels of the incremental probe solvers (SAGA, SAG, SVRG).
+
+One call runs one epoch: a pass over the rows in a given order, in mini-batches.
+The Python driver in :mod:`probecvx.solvers.saga` calls it once per epoch and
+runs the stopping rule, the validation loss and the full-gradient pass between
+calls.
+
+The kernels work in preconditioned coordinates: a feature ``j`` enters as
+``x_j * inv_scale[j]`` and its weight is ``W[:, j] * scale[j]``. The penalty on
+``W`` is then ``0.5 * sum_j strength[j] * V[:, j]**2`` with a per-feature
+strength, which the proximal step handles entry by entry (see ``prox`` below).
+
+Everything that accumulates is float64: the weights, the residual memory, the
+running gradient sums and the mini-batch buffer, into which float32 rows are
+converted on the fly. The GEMMs of a mini-batch run in BLAS through
+``np.dot``; the kernels themselves are compiled with ``fastmath=False``, so
+LLVM does not reorder any floating-point sum.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+#: Update rules understood by :func:`run_epoch`.
+SAGA = 0
+SAG = 1
+SVRG = 2
+
+
+@njit(cache=True, fastmath=False)
+def _softmax_residual(logits: np.ndarray, label: int) -> None:
+    """Overwrite one row of logits with ``softmax(logits) - onehot(label)``."""
+    n_classes = logits.shape[0]
+    shift = logits[0]
+    for k in range(1, n_classes):
+        if logits[k] > shift:
+            shift = logits[k]
+    total = 0.0
+    for k in range(n_classes):
+        logits[k] = np.exp(logits[k] - shift)
+        total += logits[k]
+    for k in range(n_classes):
+        logits[k] /= total
+    logits[label] -= 1.0
+
+
+@njit(cache=True, fastmath=False)
+def run_epoch(
+    X: np.ndarray,
+    y: np.ndarray,
+    order: np.ndarray,
+    memory: np.ndarray,
+    memory_offset: int,
+    seen: np.ndarray,
+    n_seen: int,
+    inv_scale: np.ndarray,
+    coef: np.ndarray,
+    intercept: np.ndarray,
+    grad_sum: np.ndarray,
+    intercept_grad_sum: np.ndarray,
+    step: float,
+    prox: np.ndarray,
+    batch_size: int,
+    rule: int,
+) -> int:
+    """Run one epoch of mini-batch SAGA, SAG or SVRG over ``X[order]``, in place.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n_rows, n_features), float32 or float64
+        The rows this call visits: all training rows, or one block of them.
+    y : ndarray of shape (n_rows,), int64
+        Local class indices of the rows of ``X``.
+    order : ndarray of shape (n_visits,), int64
+        Row indices into ``X``, visited in this order; consecutive runs of
+        ``batch_size`` form the mini-batches.
+    memory : ndarray of shape (n_samples, n_classes), float64
+        The stored residual ``softmax - onehot`` of every training row; row
+        ``memory_offset + i`` belongs to ``X[i]``. Updated by SAGA and SAG,
+        read only by SVRG (there it holds the residuals at the snapshot).
+    memory_offset : int
+        Index in ``memory`` of the first row of ``X``.
+    seen : ndarray of shape (n_samples,), bool
+        Whether each training row has a gradient in ``memory``; rows not yet
+        seen hold zeros. Updated.
+    n_seen : int
+        The number of true entries of ``seen``. The average of the stored
+        gradients is ``grad_sum / n_seen``.
+    inv_scale : ndarray of shape (n_features,), float64
+        The preconditioner: each feature is multiplied by it.
+    coef : ndarray of shape (n_classes, n_features), float64
+        The weights ``V`` in preconditioned coordinates; updated.
+    intercept : ndarray of shape (n_classes,), float64
+        Updated.
+    grad_sum : ndarray of shape (n_classes, n_features), float64
+        ``sum_i memory[i] (x) (x_i * inv_scale)``, kept equal to it as
+        ``memory`` changes (SVRG leaves both fixed).
+    intercept_grad_sum : ndarray of shape (n_classes,), float64
+        ``sum_i memory[i]``, kept likewise.
+    step : float
+        The step size.
+    prox : ndarray of shape (n_features,), float64
+        Per-feature factor applied to ``coef`` after each step: the proximal
+        map ``1 / (1 + step * strength[j])`` for SAGA and SVRG, the shrinkage
+        ``1 - step * strength[j]`` of the penalty's gradient step for SAG.
+    batch_size : int
+        Rows per mini-batch; the last one of the epoch may be smaller.
+    rule : int
+        :data:`SAGA`, :data:`SAG` or :data:`SVRG`.
+
+    Returns
+    -------
+    int
+        The updated ``n_seen``.
+    """
+    n_classes, n_features = coef.shape
+    n_visits = order.shape[0]
+    batch = np.empty((batch_size, n_features))
+    delta = np.empty((batch_size, n_classes))
+    delta_intercept = np.empty(n_classes)
+    update_memory = rule != SVRG
+
+    for start in range(0, n_visits, batch_size):
+        size = min(batch_size, n_visits - start)
+
+        # Gather the batch rows in float64, preconditioned.
+        for j in range(size):
+            row = X[order[start + j]]
+            for d in range(n_features):
+                batch[j, d] = row[d] * inv_scale[d]
+        rows = batch[:size]
+
+        # Residuals at the current weights, and their change from the memory.
+        residual = np.dot(rows, coef.T)
+        for k in range(n_classes):
+            delta_intercept[k] = 0.0
+        for j in range(size):
+            sample = memory_offset + order[start + j]
+            if not seen[sample]:
+                seen[sample] = True
+                n_seen += 1
+            for k in range(n_classes):
+                residual[j, k] += intercept[k]
+            _softmax_residual(residual[j], y[order[start + j]])
+            for k in range(n_classes):
+                change = residual[j, k] - memory[sample, k]
+                delta[j, k] = change
+                delta_intercept[k] += change
+                if update_memory:
+                    memory[sample, k] = residual[j, k]
+        change_sum = np.dot(delta[:size].T, rows)
+
+        inv_size = 1.0 / size
+        inv_n = 1.0 / n_seen
+        if rule == SAG:
+            # Step along the new average of the stored gradients.
+            scaled_step = step * inv_n
+            for k in range(n_classes):
+                for d in range(n_features):
+                    total = grad_sum[k, d] + change_sum[k, d]
+                    grad_sum[k, d] = total
+                    coef[k, d] = coef[k, d] * prox[d] - scaled_step * total
+                intercept_grad_sum[k] += delta_intercept[k]
+                intercept[k] -= scaled_step * intercept_grad_sum[k]
+        else:
+            # SAGA and SVRG: the unbiased estimate, the batch's change in
+            # gradient plus the old average, then the proximal map.
+            for k in range(n_classes):
+                for d in range(n_features):
+                    direction = change_sum[k, d] * inv_size + grad_sum[k, d] * inv_n
+                    coef[k, d] = (coef[k, d] - step * direction) * prox[d]
+                    if update_memory:
+                        grad_sum[k, d] += change_sum[k, d]
+                direction = (
+                    delta_intercept[k] * inv_size + intercept_grad_sum[k] * inv_n
+                )
+                intercept[k] -= step * direction
+                if update_memory:
+                    intercept_grad_sum[k] += delta_intercept[k]
+    return n_seen
