@@ -32,6 +32,8 @@ logger = logging.getLogger(__name__)
 
 MODELS_MODULE = "examples.paper.models"
 SIZES = ("quick", "paper")
+# Written next to the checkpoints when training ends; see load_training_record.
+TRAINING_RECORD = "training.json"
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,37 @@ def save_checkpoint(model: nn.Module, step: int, checkpoint_dir: Path) -> Path:
     path = checkpoint_dir / f"step_{step:06d}.pt"
     torch.save({"state_dict": model.state_dict(), "step": step}, path)
     return path
+
+
+def load_training_record(
+    run: ProbeRun, settings: Mapping[str, Any]
+) -> list[dict[str, Any]] | None:
+    """Return the history of an earlier training run with equal ``settings``.
+
+    Training is seeded, so a run with equal settings saved the same
+    checkpoints. Returns None, and training must run, when ``training.json``
+    is missing, was written for other settings, or a checkpoint it lists is
+    missing.
+    """
+    path = run.checkpoint_dir / TRAINING_RECORD
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    if record.get("settings") != json.loads(json.dumps(settings)):
+        return None
+    history: list[dict[str, Any]] = record["history"]
+    for entry in history:
+        if not (run.checkpoint_dir / f"step_{entry['step']:06d}.pt").is_file():
+            return None
+    return history
+
+
+def write_training_record(
+    run: ProbeRun, settings: Mapping[str, Any], history: Sequence[Mapping[str, Any]]
+) -> None:
+    """Record the settings and history of a finished training run."""
+    doc = {"settings": dict(settings), "history": list(history)}
+    write_json(run.checkpoint_dir / TRAINING_RECORD, doc)
 
 
 def split_tensors(

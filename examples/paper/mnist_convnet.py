@@ -16,7 +16,8 @@ and an L2 penalty of 5e-4 on the fully-connected weights and biases. By
 default it runs on scikit-learn's 8x8 digits with the convnet scaled to 8x8
 inputs; ``--data`` takes a folder of MNIST IDX files instead. The script
 writes ``results.json``, ``mnist_convnet.png`` and probecvx's figures to
-``--out``.
+``--out``. A second run with the same settings reuses the checkpoints, shards
+and probes of the first.
 
     python -m examples.paper.mnist_convnet --size quick --out runs/convnet
     python -m examples.paper.mnist_convnet --size paper --data mnist/ --out runs/mn
@@ -41,11 +42,13 @@ from examples.paper.common import (
     error_rate,
     errors_by_site,
     limit_threads,
+    load_training_record,
     probe_checkpoints,
     save_checkpoint,
     site_order,
     split_tensors,
     write_json,
+    write_training_record,
 )
 from examples.paper.models import TutorialConvNet
 from probecvx.datasets import ProbeDataset, load_dataset
@@ -241,11 +244,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     epochs = args.epochs or EPOCHS["digits" if is_digits else "mnist"][args.size]
 
     started = time.perf_counter()
-    torch.manual_seed(args.seed)
     model_kwargs = {"image_size": image_size, "n_classes": dataset.n_classes}
-    model = TutorialConvNet(**model_kwargs, seed=args.seed)
     run = ProbeRun.under(args.out)
-    history = train(model, dataset, epochs, run, args.seed)
+    training = {
+        "model_kwargs": model_kwargs,
+        "epochs": epochs,
+        "seed": args.seed,
+        "dataset": dataset.fingerprint,
+    }
+    history = load_training_record(run, training)
+    if history is None:
+        torch.manual_seed(args.seed)
+        model = TutorialConvNet(**model_kwargs, seed=args.seed)
+        history = train(model, dataset, epochs, run, args.seed)
+        write_training_record(run, training, history)
     trained_seconds = time.perf_counter() - started
 
     records = probe_checkpoints(
