@@ -594,6 +594,19 @@ def test_memory_map_read_by_blocks(method: str, tmp_path: Path) -> None:
     assert relative_gap(fortran, X, y, best) <= GAP
 
 
+def test_float16_features_read_by_blocks() -> None:
+    X, y = make_problem(seed=19, n=300, d=5, k=3)
+    X16 = X.astype(np.float16)
+    _, _, best = scipy_optimum(X16, y, 3, 1.0)
+
+    fit = get_solver_for("saga", block_rows=100).fit(
+        X16, y, 3, [1.0], tol=TOL, max_iter=5000
+    )[0]
+
+    assert fit.converged
+    assert relative_gap(fit, X16, y, best) <= GAP
+
+
 def test_float32_features_are_not_copied() -> None:
     import tracemalloc
 
@@ -633,6 +646,21 @@ def test_invalid_fit_arguments_rejected() -> None:
         solver.fit(X, y, 2, [1.0], tol=1e-5, max_iter=0)
     with pytest.raises(SolverError, match="every C must be a positive"):
         solver.fit(X, y, 2, [0.0], tol=1e-5, max_iter=10)
+
+
+def test_warm_start_of_wrong_shape_rejected() -> None:
+    X, y = make_problem(seed=20, n=60, d=3, k=2)
+
+    with pytest.raises(SolverError, match="warm_start has shapes"):
+        IncrementalSolver().fit(
+            X,
+            y,
+            2,
+            [1.0],
+            tol=1e-5,
+            max_iter=10,
+            warm_start=(np.zeros((2, 4)), np.zeros(2)),
+        )
 
 
 def test_registered_names() -> None:

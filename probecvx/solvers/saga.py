@@ -9,27 +9,36 @@ vanishes at the optimum and a constant step converges linearly:
   estimate, then applies the proximal map of the L2 penalty, and replaces the
   batch's memory with the new gradients.
 - ``sag`` (Schmidt, Le Roux and Bach, 2017) replaces the memory first and
-  steps along the new average, a biased estimate with a lower variance.
-- ``svrg`` (Johnson and Zhang, 2013) keeps the memory fixed during the epoch;
-  it is the gradient at the epoch's starting point (the snapshot).
+  steps along the new average, a biased estimate with a lower variance. As in
+  that paper it draws rows with replacement and starts cold from an empty
+  memory: with a random permutation per epoch, or with a memory filled at the
+  starting point, it diverged on the problems of ``benchmarks/solvers.py``.
+- ``svrg`` (Johnson and Zhang, 2013) keeps the memory fixed during the epoch:
+  it holds the gradients at the epoch's starting point (the snapshot). It took
+  fewer epochs than SAGA but more time, because each epoch needs a full pass,
+  so it is not registered; ``IncrementalSolver("svrg")`` runs it.
 
 Only the residual ``softmax - onehot`` is stored per row, ``n * K`` values;
-the gradient of row ``i`` is that residual times ``x_i``. After each epoch one
-pass of GEMMs over the rows computes the objective and the exact gradient for
-the stopping rule. The same pass refreshes the memory to the residuals at the
-new point and recomputes the running sum of stored gradients from scratch, so
-float32 data cannot make that sum drift, and SVRG gets its next snapshot.
+the gradient of row ``i`` is that residual times ``x_i``. The kernel keeps the
+running sum of the stored gradients in float64. A full pass of GEMMs over the
+rows computes the objective and the exact gradient for the stopping rule and
+recomputes that sum from the memory, so rounding cannot accumulate in it.
+SVRG runs a full pass after every epoch, its next snapshot. SAGA and SAG run
+one after epochs 1, 3 and 7, then every ``_CHECK_INTERVAL`` epochs, and
+whenever the average of their stored gradients meets ``tol``, since that
+average approaches the gradient as the iterates settle.
 
-Step size. The multinomial cross-entropy of one row has a Hessian
-``(diag(p) - p p^T) (x) [x, 1][x, 1]^T``; the first factor's largest
-eigenvalue is the largest variance of a vector of unit norm under ``p``, at
-most 1/2, so row ``i`` is ``L_i = (||x_i||^2 + 1) / 2`` smooth. A batch of
-``b`` rows drawn without replacement has the expected smoothness
+Step size. The multinomial cross-entropy of one row has the Hessian
+``(diag(p) - p p^T) (x) [x, 1][x, 1]^T``. The first factor's largest
+eigenvalue is the largest variance of a unit vector's entries under ``p``,
+which is at most 1/2, so row ``i`` is ``L_i = (||x_i||^2 + 1) / 2`` smooth.
+A batch of ``b`` rows drawn without replacement has the expected smoothness
 ``L(b) = n (b - 1) / (b (n - 1)) L + (n - b) / (b (n - 1)) L_max``
-(Gazagnadou, Gower and Salmon, 2019), where ``L`` is the smoothness of the
-mean loss, estimated by power iteration on a subsample of rows. The step is
-``step_scale / L(b)``. An epoch that raises the objective is undone and the
-step halved, so a step that is too long costs an epoch, not the fit.
+(Gazagnadou, Gower and Salmon, 2019). Here ``L`` is the smoothness of the mean
+loss, estimated by power iteration on a subsample of rows. The step is
+``step_scale / L(b)``. When a full pass finds the objective higher than at the
+previous one, the iterate goes back there and the step is halved, so a step
+that is too long costs a few epochs, not the fit.
 
 Preconditioning. The solver works with the features divided by
 ``max(rms(x_j), 1)`` (see :func:`~probecvx.solvers._objective.feature_scale`),
@@ -80,16 +89,18 @@ _POWER_RTOL = 1e-3
 # The automatic batch size keeps the batch term L_max / b of L(b) at least this
 # many times the mean-loss term L, so that batching barely shortens the step
 # per row, and stays within these bounds.
-_BATCH_RATIO = 8.0
+_BATCH_RATIO = 4.0
+# Feature scales closer than this to 1 are not preconditioned.
+_UNIT_SCALE_RTOL = 1e-3
 _MIN_AUTO_BATCH = 1
-_MAX_AUTO_BATCH = 32
-# SAGA and SAG run a full pass at least every _CHECK_INTERVAL epochs, and
-# sooner when the average of their stored gradients meets tol. SVRG runs one
-# every epoch, its new snapshot; a snapshot every 2 or 3 epochs took as long
-# on the 20k x 512 problem of benchmarks/solvers.py.
+_MAX_AUTO_BATCH = 64
+# SAGA and SAG run a full pass at least every _CHECK_INTERVAL epochs once the
+# step has proved itself (see the module docstring). A full pass costs about as
+# much as an epoch (40 and 30 ms of CPU time on the 20k x 512 benchmark
+# problem, one thread), so one after every epoch would almost double the time.
 _CHECK_INTERVAL = 5
-# The iterate at a full pass is rejected when the objective rose by more than
-# this fraction since the previous full pass; smaller rises are rounding.
+# A full pass rejects the iterate when the objective rose by more than this
+# fraction since the previous full pass. Smaller rises are rounding.
 _RISE_RTOL = 1e-12
 # After this many halvings of the step without meeting tol, the probe has
 # stalled.
@@ -107,12 +118,11 @@ class IncrementalSolver:
         Rows per mini-batch. None picks it from the smoothness constants
         (between 1 and 32); 1 is the classic one-row-at-a-time method.
     step_scale : float, default=2.0
-        The step is ``step_scale / L(batch_size)``. Theory guarantees
-        convergence below 1/3 for SAGA. On the problems of
-        ``benchmarks/solvers.py`` 2 took the fewest epochs of 1, 2 and 3 or
-        came within 20% of it, while 3 raised the objective on small problems
-        with one row per batch; an epoch that raises the objective halves the
-        step.
+        The step is ``step_scale / L(batch_size)``. The SAGA paper proves
+        convergence for steps up to ``1 / (3 L_max)``, a step_scale of 1/3
+        with one row per batch. On the problems of ``benchmarks/solvers.py``,
+        3 or 4 took up to half the epochs of 2 on some, but 3 made SAGA with
+        one row per batch raise the objective on small problems.
     random_state : int, default=0
         Seed of the order in which rows are visited; a fixed seed gives the
         same result on the same data.
@@ -127,8 +137,7 @@ class IncrementalSolver:
     -----
     A probe's ``n_iter`` counts epochs. ``data_passes`` counts, for each probe,
     the setup passes (feature scales, row norms, the subsample), one pass per
-    start, two per epoch (the epoch and the full-gradient pass), and
-    ``n_val / n`` per validation loss.
+    epoch, one per full pass, and ``n_val / n`` per validation loss.
 
     The values of ``C`` are solved in increasing order. Each probe starts from
     whichever has the lower objective at its ``C``: the initial point (zero
@@ -304,7 +313,15 @@ class _TrainingData:
         )
 
         column_squares, row_squares = self._squares(np.ones(self.n_features))
-        self.scale = feature_scale(column_squares / self.n_samples)
+        # The stopping rule divides each gradient entry by stop_scale. The
+        # preconditioner uses the same scales, except that scales within
+        # _UNIT_SCALE_RTOL of 1 are taken as 1: on standardised features that
+        # skips a multiplication of every row, and any positive scale is a
+        # valid preconditioner.
+        self.stop_scale = feature_scale(column_squares / self.n_samples)
+        self.scale = np.where(
+            self.stop_scale <= 1.0 + _UNIT_SCALE_RTOL, 1.0, self.stop_scale
+        )
         self.inv_scale = 1.0 / self.scale
         self.preconditioned = bool(np.any(self.scale != 1.0))
         self.setup_passes = 1.0
@@ -623,11 +640,10 @@ class _Run:
         self.objective = exact.loss + self.penalty(self.coef)
         grad_coef = exact.grad_sum / data.n_samples + self.strength * self.coef
         grad_intercept = exact.intercept_grad_sum / data.n_samples
-        # The gradient in preconditioned coordinates is the gradient in W
-        # divided by the feature scale, which is what the stopping rule
-        # measures; it is passed in W so that the shared definition applies.
+        # The gradient in W is the gradient in preconditioned coordinates
+        # times the scale; the stopping rule takes it in W.
         self.grad_max = scaled_gradient_max(
-            grad_coef * data.scale, grad_intercept, data.scale
+            grad_coef * data.scale, grad_intercept, data.stop_scale
         )
         self.since_check = 0
 
