@@ -1,9 +1,9 @@
 """Numba kernels of the incremental probe solvers (SAGA, SAG, SVRG).
 
-One call runs one epoch: a pass over the rows in a given order, in mini-batches.
-The Python driver in :mod:`probecvx.solvers.saga` calls it once per epoch and
-runs the stopping rule, the validation loss and the full-gradient pass between
-calls.
+One call runs one epoch, a pass over the rows in a given order in mini-batches,
+or the part of an epoch on one block of rows. The Python driver in
+:mod:`probecvx.solvers.saga` runs the stopping rule, the validation loss and
+the full-gradient pass between epochs.
 
 The kernels work in preconditioned coordinates: a feature ``j`` enters as
 ``x_j * inv_scale[j]`` and its weight is ``W[:, j] * scale[j]``. The penalty on
@@ -77,8 +77,9 @@ def run_epoch(
         ``batch_size`` form the mini-batches.
     memory : ndarray of shape (n_samples, n_classes), float64
         The stored residual ``softmax - onehot`` of every training row; row
-        ``memory_offset + i`` belongs to ``X[i]``. Updated by SAGA and SAG,
-        read only by SVRG (there it holds the residuals at the snapshot).
+        ``memory_offset + i`` belongs to ``X[i]``. Updated by SAGA and SAG.
+        SVRG only reads it, and there it contains the residuals at the
+        snapshot.
     memory_offset : int
         Index in ``memory`` of the first row of ``X``.
     seen : ndarray of shape (n_samples,), bool

@@ -9,12 +9,13 @@ vanishes at the optimum and a constant step converges linearly:
   estimate, then applies the proximal map of the L2 penalty, and replaces the
   batch's memory with the new gradients.
 - ``sag`` (Schmidt, Le Roux and Bach, 2017) replaces the memory first and
-  steps along the new average, a biased estimate with a lower variance. As in
-  that paper it draws rows with replacement and starts cold from an empty
-  memory: with a random permutation per epoch, or with a memory filled at the
-  starting point, it diverged on the problems of ``benchmarks/solvers.py``.
+  steps along the new average, a biased estimate with a lower variance. Like
+  scikit-learn's SAG it draws rows with replacement and starts cold from an
+  empty memory: with a random permutation per epoch, or with a memory filled
+  at the starting point, it diverged on the 20k x 512 problem of
+  ``benchmarks/solvers.py``.
 - ``svrg`` (Johnson and Zhang, 2013) keeps the memory fixed during the epoch:
-  it holds the gradients at the epoch's starting point (the snapshot). It took
+  it contains the gradients at the epoch's starting point (the snapshot). It took
   fewer epochs than SAGA but more time, because each epoch needs a full pass,
   so it is not registered; ``IncrementalSolver("svrg")`` runs it.
 
@@ -146,9 +147,9 @@ class IncrementalSolver:
 
     Features are read in place: a float32 matrix is not copied to float64.
     A memory map, an array that is not C-contiguous or another float dtype is
-    read block by block, and an epoch then visits the blocks in a random
-    order and the rows of each block in a random order, so that a memory map
-    larger than memory is read sequentially.
+    read block by block. An epoch then visits the blocks in a random order and
+    the rows of each block in a random order, so that a memory map larger than
+    memory is read sequentially.
     """
 
     def __init__(
@@ -345,10 +346,9 @@ class _TrainingData:
         """Estimate the smoothness ``L`` of the mean loss on a subsample of rows.
 
         ``L`` is half the largest eigenvalue of ``mean_i [x_i, 1][x_i, 1]^T``
-        (preconditioned). Rows at an even stride form the subsample; its
-        largest eigenvalue exceeds that of all rows on average, because the
-        largest eigenvalue is convex in the matrix, which errs towards a
-        shorter step.
+        (preconditioned). Rows at an even stride form the subsample. Because
+        the largest eigenvalue is convex in the matrix, the subsample's
+        exceeds that of all rows on average, which errs towards a shorter step.
         """
         size = min(
             self.n_samples,
@@ -522,8 +522,8 @@ class _Run:
     C: float
     batch_size: int
     method: str
-    # The residual memory and which rows it holds, shared by the probes since
-    # they run one after another.
+    # The residual memory and which rows it contains, shared by the probes
+    # because they run one after another.
     memory: np.ndarray
     seen: np.ndarray
     rule: int = field(init=False)
@@ -614,11 +614,12 @@ class _Run:
         """Start SAG with an empty memory, averaging over the rows seen so far.
 
         SAG steps along the average of the stored gradients, in which a new
-        row weighs ``1 / n_seen``. A memory filled at a cold start weighs each
-        new gradient ``1 / n``, so the whole first epoch steps along the
-        initial gradient and overshoots; on the benchmark problems it raised
-        the objective tenfold. An empty memory, as in Schmidt et al., lets the
-        average follow the iterate while it is short.
+        row weighs ``1 / n_seen``. In a memory filled at a cold start each new
+        gradient weighs ``1 / n``, so the whole first epoch steps along the
+        initial gradient and overshoots. On the 20k x 512 benchmark problem
+        the objective after the first epochs was four to eight times its starting
+        value. An empty memory, as scikit-learn 1.9.1's SAG starts with, lets
+        the average follow the iterate while few rows are in it.
         """
         exact = self.data.full_pass(self.coef, self.intercept)
         self.passes += 1.0
@@ -710,7 +711,7 @@ class _Run:
         """Return whether the average of the stored gradients meets ``tol``.
 
         For SAGA and SAG that average approaches the gradient as the iterates
-        settle, so it tells when a full pass is worth running.
+        settle, so it indicates when a full pass is worth running.
         """
         if self.rule == SVRG or self.n_seen == 0:
             return False
@@ -784,9 +785,9 @@ class _Run:
             prox = 1.0 - self.step * self.strength
         else:
             prox = 1.0 / (1.0 + self.step * self.strength)
-        # SAG diverged on the benchmark problems with rows drawn as a random
-        # permutation (its memory then refreshes in lockstep), so it draws
-        # rows with replacement, as Schmidt et al. do.
+        # SAG diverged on the 20k x 512 benchmark problem with rows drawn as a
+        # random permutation, so it draws rows with replacement, as
+        # scikit-learn 1.9.1's SAG does.
         replace = self.rule == SAG
         for rows, labels, order, offset in data.epoch_chunks(rng, replace):
             self.n_seen = run_epoch(
