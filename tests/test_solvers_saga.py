@@ -1,9 +1,9 @@
 """The incremental solvers (SAGA, SAG, SVRG) against references and edge cases.
 
-Three references: scikit-learn's ``LogisticRegression`` run to a tight
-tolerance, SciPy's L-BFGS-B on the objective written out below in float64, and
-a plain Python loop that replays one epoch of each update rule row by row,
-against which the numba kernel must agree to rounding.
+There are three references. scikit-learn's ``LogisticRegression`` runs to a
+tight tolerance, and SciPy's L-BFGS-B minimises the objective written out
+below in float64. A plain numpy loop replays one epoch of each update rule
+batch by batch, and the numba kernel must agree with it to rounding.
 """
 
 from __future__ import annotations
