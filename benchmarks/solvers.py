@@ -82,6 +82,7 @@ class Result:
     passes: float
     n_iter: int
     reached: bool
+    rerun: Callable[[], object] = field(repr=False, default=lambda: None)
 
 
 @dataclass
@@ -225,18 +226,6 @@ def sklearn_fit(
     return coef, intercept, int(np.max(model.n_iter_))
 
 
-def timed_median(
-    fit_once: Callable[[], tuple[float, float, int]], first_seconds: float, repeats: int
-) -> float:
-    """Return the median time of ``repeats`` fits, counting one already timed."""
-    times = [first_seconds]
-    for _ in range(repeats - 1):
-        start = time.perf_counter()
-        fit_once()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def log_attempt(setting: str, gap: float, seconds: float, passes: float) -> None:
     print(
         f"#     {setting}: gap {gap:.2e} in {seconds:.3g} s, {passes:.0f} passes",
@@ -248,10 +237,9 @@ def time_to_gap_by_tol(
     name: str,
     fit_once: Callable[[float], tuple[float, float, int]],
     first_tol: float,
-    repeats: int,
     budget_seconds: float,
 ) -> Result:
-    """Lower ``tol`` tenfold until a fit reaches the gap; time that fit.
+    """Lower ``tol`` tenfold until a fit reaches the gap, and return that fit.
 
     ``fit_once(tol)`` returns ``(gap, passes, n_iter)``.
     """
@@ -267,18 +255,18 @@ def time_to_gap_by_tol(
         if reached or spent > budget_seconds or tol < 1e-12:
             break
         tol /= 10
-    if reached:
-        seconds = timed_median(lambda: fit_once(tol), seconds, repeats)
-    return Result(name, f"tol={tol:.0e}", seconds, gap, passes, n_iter, reached)
+    setting = f"tol={tol:.0e}"
+    return Result(
+        name, setting, seconds, gap, passes, n_iter, reached, lambda: fit_once(tol)
+    )
 
 
 def time_to_gap_by_cap(
     name: str,
     fit_capped: Callable[[int], tuple[float, float, int]],
-    repeats: int,
     budget_seconds: float,
 ) -> Result:
-    """Find the smallest iteration cap whose fit reaches the gap; time that fit.
+    """Find the smallest iteration cap whose fit reaches the gap; return that fit.
 
     ``fit_capped(max_iter)`` runs with ``tol=0`` and returns
     ``(gap, passes, n_iter)``. The cap doubles until the gap is reached, then
@@ -307,7 +295,9 @@ def time_to_gap_by_cap(
         if spent > budget_seconds or stalled:
             gap, passes, n_iter, seconds = tried[cap]
             setting = f"max_iter={cap}"
-            return Result(name, setting, seconds, gap, passes, n_iter, reached=False)
+            return Result(
+                name, setting, seconds, gap, passes, n_iter, False, lambda: None
+            )
         cap *= 2
     high = cap
     while high - low > max(1, high // 10) and spent <= budget_seconds:
@@ -318,8 +308,29 @@ def time_to_gap_by_cap(
             low = middle
 
     gap, passes, n_iter, seconds = tried[high]
-    seconds = timed_median(lambda: fit_capped(high), seconds, repeats)
-    return Result(name, f"max_iter={high}", seconds, gap, passes, n_iter, True)
+    setting = f"max_iter={high}"
+    return Result(
+        name, setting, seconds, gap, passes, n_iter, True, lambda: fit_capped(high)
+    )
+
+
+def time_in_rounds(report: Report, X: np.ndarray, repeats: int) -> None:
+    """Time one read of ``X`` and each fit found, round-robin; keep medians.
+
+    Taking turns keeps the comparison fair on a shared machine whose load
+    drifts over minutes. A fit that missed the gap keeps its search time.
+    """
+    reads: list[float] = []
+    times: dict[str, list[float]] = {r.solver: [] for r in report.results}
+    for _ in range(repeats):
+        reads.append(median_seconds(lambda: X.sum(axis=0), 3))
+        for result in report.results:
+            if result.reached:
+                times[result.solver].append(median_seconds(result.rerun, 1))
+    report.read_seconds = statistics.median(reads)
+    for result in report.results:
+        if times[result.solver]:
+            result.seconds = statistics.median(times[result.solver])
 
 
 def ours_fit(
@@ -385,13 +396,18 @@ def measure_extras(
                 data, y, k, Cs, tol=DEFAULT_TOL, max_iter=10_000, warm_start=warm_start
             )
 
-    one = median_seconds(lambda: fit([C]), repeats)
-    many = median_seconds(lambda: fit(MANY_CS), repeats)
-    separate = 0.0
-    for value in MANY_CS:
+    # Round-robin, as in time_in_rounds.
+    ones, manys, separates = [], [], []
+    for _ in range(repeats):
+        ones.append(median_seconds(lambda: fit([C]), 1))
+        manys.append(median_seconds(lambda: fit(MANY_CS), 1))
         start = time.perf_counter()
-        fit([value])
-        separate += time.perf_counter() - start
+        for value in MANY_CS:
+            fit([value])
+        separates.append(time.perf_counter() - start)
+    one = statistics.median(ones)
+    many = statistics.median(manys)
+    separate = statistics.median(separates)
     one_fit = fit([C])[0]
     many_fits = fit(MANY_CS)
     extras.many_cs_ratio = many / one
@@ -428,8 +444,7 @@ def run_problem(
     X64 = X.astype(np.float64)
     print(f"# {name} {X.dtype} {X.shape} k={k}: reference...", file=sys.stderr)
     f_star = reference_objective(X64, y, k, args.C)
-    read = median_seconds(lambda: X.sum(axis=0), max(args.repeats, 5))
-    report = Report(name, str(X.dtype), Shape(X.shape[0], X.shape[1], k), read, f_star)
+    report = Report(name, str(X.dtype), Shape(X.shape[0], X.shape[1], k), 0.0, f_star)
 
     for solver in args.ours:
         print(f"#   {solver}", file=sys.stderr)
@@ -439,7 +454,7 @@ def run_problem(
             return fit(tol, 10_000)
 
         report.results.append(
-            time_to_gap_by_tol(solver, by_tol, DEFAULT_TOL, args.repeats, args.budget)
+            time_to_gap_by_tol(solver, by_tol, DEFAULT_TOL, args.budget)
         )
 
         # The same search as for scikit-learn, for a like-for-like comparison.
@@ -447,19 +462,21 @@ def run_problem(
             return fit(0.0, cap)
 
         report.results.append(
-            time_to_gap_by_cap(f"{solver} (capped)", by_cap, args.repeats, args.budget)
+            time_to_gap_by_cap(f"{solver} (capped)", by_cap, args.budget)
         )
-        if not args.skip_extras:
-            report.extras.append(
-                measure_extras(solver, X, y, k, args.C, args.seed, shape, args.repeats)
-            )
     for method in args.sklearn:
         print(f"#   sklearn {method}", file=sys.stderr)
         fit_capped = sklearn_fit_capped(method, X, X64, y, k, args.C, f_star)
         report.results.append(
-            time_to_gap_by_cap(
-                f"sklearn-{method}", fit_capped, args.repeats, args.budget
-            )
+            time_to_gap_by_cap(f"sklearn-{method}", fit_capped, args.budget)
+        )
+
+    print("#   timing the fits found, round-robin", file=sys.stderr)
+    time_in_rounds(report, X, args.repeats)
+    for solver in args.extras:
+        print(f"#   extras of {solver}", file=sys.stderr)
+        report.extras.append(
+            measure_extras(solver, X, y, k, args.C, args.seed, shape, args.repeats)
         )
 
     # A solver that beat the reference shows that f* was not tight: report it.
@@ -546,8 +563,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="comma-separated scikit-learn solvers to compare with; '' for none",
     )
     parser.add_argument(
-        "--skip-extras", action="store_true", help="skip 8-C, warm and memory runs"
+        "--extras",
+        default=None,
+        help="comma-separated probecvx solvers whose 8-C, warm-start and memory "
+        "costs are measured (default: every one in --solvers)",
     )
+    parser.add_argument("--skip-extras", action="store_true", help="measure no extras")
 
     # How to run it.
     parser.add_argument("--C", type=float, default=1.0, help="inverse penalty")
@@ -565,6 +586,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.ours = [s for s in args.solvers.split(",") if s]
     args.sklearn = [s for s in args.sklearn.split(",") if s]
+    if args.skip_extras:
+        args.extras = []
+    elif args.extras is None:
+        args.extras = list(args.ours)
+    else:
+        args.extras = [s for s in args.extras.split(",") if s]
     if (args.shard is None) != (args.site is None):
         parser.error("--shard and --site go together")
     return args
