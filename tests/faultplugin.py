@@ -1,4 +1,4 @@
-"""Test-only solver plugins: one kills its worker, one waits at a gate.
+"""Test-only solver plugins: one kills its worker, one waits, one is slow.
 
 ``probecvx fit --plugin tests.faultplugin --solver exit-on-marker`` imports
 this module in the main process and in every worker. Both solvers fit like
@@ -8,7 +8,10 @@ this module in the main process and in every worker. Both solvers fit like
   process exit at once with ``os._exit``, as a worker killed for memory would;
 - ``gated``: the first fit of a process waits until the file named by the
   environment variable :data:`GATE_ENV` exists, and every fit sleeps
-  :data:`GATED_SLEEP` seconds, so that two processes are sure to overlap.
+  :data:`GATED_SLEEP` seconds, so that two processes are sure to overlap;
+- ``slow``: every fit sleeps :data:`SLOW_SLEEP` seconds, so that a run killed
+  a short time after its first probe cannot have finished them all, however
+  fast the machine is.
 """
 
 from __future__ import annotations
@@ -30,6 +33,9 @@ EXIT_CODE = 86
 GATE_ENV = "PROBECVX_TEST_GATE"
 GATED_SLEEP = 0.05
 GATE_TIMEOUT = 60.0
+
+#: Seconds each fit of the ``slow`` solver sleeps.
+SLOW_SLEEP = 0.3
 
 
 class _LbfgsWrapper:
@@ -100,5 +106,15 @@ class GatedSolver(_LbfgsWrapper):
         time.sleep(GATED_SLEEP)
 
 
+class SlowSolver(_LbfgsWrapper):
+    """``lbfgs`` that sleeps :data:`SLOW_SLEEP` seconds before each fit."""
+
+    name = "slow"
+
+    def before_fit(self, X: np.ndarray) -> None:
+        time.sleep(SLOW_SLEEP)
+
+
 register_solver("exit-on-marker", ExitOnMarkerSolver)
 register_solver("gated", GatedSolver)
+register_solver("slow", SlowSolver)

@@ -36,7 +36,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
 N_KILLS = 5  # per test, so 10 kill points between extract and fit
 RUN_FIELDS = ("seconds", "fit_seconds", "created", "updated", "provenance")
-FIT_ARGS = ("--solver", "lbfgs", "--C", "0.1,1,10", "--quiet")
+FIT_ARGS = ("--plugin", "tests.faultplugin", "--solver", "slow")
+FIT_ARGS += ("--C", "0.1,1,10", "--quiet")
 
 
 def start(*args: str, **env: str) -> subprocess.Popen[str]:
@@ -175,7 +176,7 @@ def assert_same_shard(path: Path, reference: Path) -> None:
 
 
 def write_fit_shards(folder: Path) -> None:
-    """Six checkpoints of 600 rows and three sites, about 0.1 s per probe."""
+    """Six checkpoints of 600 rows and three sites."""
     rows = np.arange(600)
     labels = rows % 3
     split = np.select([rows % 5 < 3, rows % 5 == 3], [0, 1], default=2)
@@ -200,9 +201,10 @@ def test_fit_killed_at_random_points(tmp_path: Path) -> None:
         fit_shards(
             acts,
             tmp_path / "reference",
-            solver="lbfgs",
+            solver="slow",
             Cs=[0.1, 1, 10],
             n_jobs=1,
+            plugins=["tests.faultplugin"],
             progress=False,
         )
     rng = np.random.default_rng(21)
@@ -217,7 +219,8 @@ def test_fit_killed_at_random_points(tmp_path: Path) -> None:
         progressed = wait_for(
             lambda count=before: len(unit_files(out)) > count, timeout=120
         )
-        # A probe takes about 0.1 s, so a run fits at most about 3 probes.
+        # Each probe sleeps 0.3 s, so a run fits at most two probes per worker
+        # and every run is killed with work left.
         time.sleep(rng.uniform(0.0, 0.15))
         killed = process.poll() is None
         stderr = kill_group(process)
@@ -235,7 +238,13 @@ def test_fit_killed_at_random_points(tmp_path: Path) -> None:
 
     with threadpool_limits(limits=1):
         summary = fit_shards(
-            acts, out, solver="lbfgs", Cs=[0.1, 1, 10], n_jobs=1, progress=False
+            acts,
+            out,
+            solver="slow",
+            Cs=[0.1, 1, 10],
+            n_jobs=1,
+            plugins=["tests.faultplugin"],
+            progress=False,
         )
 
     assert kills == N_KILLS
