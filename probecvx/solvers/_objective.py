@@ -28,8 +28,12 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
+from probecvx.errors import SolverError
+
 if TYPE_CHECKING:
     import torch
+
+    from probecvx.solvers.base import ProbeFit
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +147,92 @@ def present_classes(y: np.ndarray, n_classes: int) -> tuple[np.ndarray, np.ndarr
     lookup = np.full(n_classes, -1, dtype=np.int64)
     lookup[present] = np.arange(len(present))
     return present, lookup[y]
+
+
+def initial_point(
+    present: np.ndarray,
+    y_local: np.ndarray,
+    n_features: int,
+    n_classes: int,
+    warm_start: tuple[np.ndarray, np.ndarray] | None,
+) -> np.ndarray:
+    """Return the packed starting point for the classes present.
+
+    The point packs the ``(K, n_features)`` weights row by row, then the ``K``
+    intercepts, where ``K = len(present)``. Cold: zero weights and the
+    intercepts that are optimal for them, the log class frequencies. Warm: the
+    given solution restricted to the classes present. A class that was absent
+    when that solution was fitted carries the stand-in intercept, so it
+    restarts from zero weights and the lowest intercept of the others.
+
+    Raises
+    ------
+    SolverError
+        When ``warm_start`` has the wrong shapes or non-finite values.
+    """
+    k = len(present)
+    if warm_start is None:
+        counts = np.bincount(y_local, minlength=k)
+        intercept = np.log(counts / counts.sum())
+        return np.concatenate([np.zeros(k * n_features), intercept - intercept.mean()])
+
+    coef_all = np.asarray(warm_start[0], dtype=np.float64)
+    intercept_all = np.asarray(warm_start[1], dtype=np.float64)
+    if coef_all.shape != (n_classes, n_features) or intercept_all.shape != (n_classes,):
+        raise SolverError(
+            f"warm_start has shapes {coef_all.shape} and {intercept_all.shape}, "
+            f"expected ({n_classes}, {n_features}) and ({n_classes},); pass the "
+            "coef and intercept of a probe fitted on the same site"
+        )
+    if not (np.isfinite(coef_all).all() and np.isfinite(intercept_all).all()):
+        raise SolverError(
+            "warm_start contains NaN or infinite values; start cold "
+            "(warm_start=None) instead"
+        )
+    coef = coef_all[present].copy()
+    intercept = intercept_all[present].copy()
+    was_absent = intercept <= ABSENT_INTERCEPT / 2
+    if was_absent.all():
+        intercept[:] = 0.0
+    elif was_absent.any():
+        intercept[was_absent] = intercept[~was_absent].min()
+    coef[was_absent] = 0.0
+    return np.concatenate([coef.ravel(), intercept - intercept.mean()])
+
+
+def expand_classes(
+    coef: np.ndarray, intercept: np.ndarray, present: np.ndarray, n_classes: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Return the full ``(n_classes, d)`` coef and ``(n_classes,)`` intercept.
+
+    ``coef`` and ``intercept`` are the ``(K, d)`` and ``(K,)`` solution for the
+    classes present. Their intercepts are centred to mean zero, and absent
+    classes get zero weights and :data:`ABSENT_INTERCEPT`.
+    """
+    full_coef = np.zeros((n_classes, coef.shape[1]))
+    full_intercept = np.full(n_classes, ABSENT_INTERCEPT)
+    full_coef[present] = coef
+    full_intercept[present] = intercept - intercept.mean()
+    return full_coef, full_intercept
+
+
+def record_validation(fits: list[ProbeFit], val: Evaluator) -> None:
+    """Store each probe's validation loss and error in ``extra``, in one pass."""
+    coef = np.stack([fit.coef for fit in fits])
+    intercept = np.stack([fit.intercept for fit in fits])
+    loss, error = val.loss_error(coef, intercept)
+    for fit, fit_loss, fit_error in zip(fits, loss, error, strict=True):
+        fit.extra["val_loss"] = float(fit_loss)
+        fit.extra["val_error"] = float(fit_error)
+
+
+def describe_gradient_gap(fit: ProbeFit) -> str:
+    """Describe how far a probe's gradient is above the :data:`STOP_RULE` bound.
+
+    Warnings about probes that stopped before meeting ``tol`` quote it.
+    """
+    target = fit.tol * max(abs(fit.objective), OBJECTIVE_FLOOR)
+    return f"max|grad f|={fit.grad_norm:.3g} above {target:.3g} (tol={fit.tol:g})"
 
 
 def default_block_rows(n_features: int, itemsize: int, on_gpu: bool) -> int:

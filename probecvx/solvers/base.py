@@ -14,6 +14,7 @@ inputs: validation happens once, in :func:`check_problem`, at the public entry.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -70,10 +71,36 @@ class Solver(Protocol):
     ) -> list[ProbeFit]:
         """Fit one probe per value in ``Cs`` and return them in the same order.
 
-        ``X`` is (n_samples, n_features), float32 or float64, standardised.
-        ``y`` contains int64 class codes in ``0..n_classes-1``; a class may be
-        absent from ``y``, and its row of ``coef`` then only sees the penalty.
-        ``warm_start`` is ``(coef, intercept)`` of a previous solution.
+        Parameters
+        ----------
+        X : ndarray of shape (n_samples, n_features)
+            Standardised features, float32 or float64.
+        y : ndarray of shape (n_samples,)
+            int64 class codes in ``0..n_classes-1``. A class may be absent
+            from ``y``, and its row of ``coef`` then only sees the penalty.
+        n_classes : int
+            The size of the fixed class set.
+        Cs : sequence of float
+            Inverse penalty strengths; one probe is returned per value.
+        tol : float
+            Tolerance of the stopping rule
+            :func:`~probecvx.solvers._objective.gradient_converged`.
+        max_iter : int
+            Iterations allowed per probe, in the solver's own unit.
+        warm_start : (coef, intercept) or None, default=None
+            A previous solution, shapes ``(n_classes, n_features)`` and
+            ``(n_classes,)``.
+        validation : Validation or None, default=None
+            Rows on which each probe's loss and error are reported in
+            ``extra["val_loss"]`` and ``extra["val_error"]``.
+        early_stopping : bool, default=False
+            Stop each probe after ``patience`` iterations without a lower
+            validation loss and return its iterate of lowest validation loss.
+
+        Returns
+        -------
+        list of ProbeFit
+            In the order of ``Cs``.
         """
         ...
 
@@ -127,6 +154,23 @@ def check_problem(X: np.ndarray, y: np.ndarray, n_classes: int) -> None:
         raise SolverError(
             f"the feature matrix contains {bad} NaN or infinite values; "
             "the model produced non-finite activations at this site"
+        )
+
+
+def check_fit_arguments(
+    Cs: Sequence[float], early_stopping: bool, validation: Validation | None
+) -> None:
+    """Reject values of ``C`` and early-stopping settings that no solver can use."""
+    bad = [C for C in Cs if not (math.isfinite(C) and C > 0)]
+    if bad:
+        raise SolverError(
+            f"every C must be a positive finite number, got {bad}; "
+            "C is the inverse penalty strength"
+        )
+    if early_stopping and validation is None:
+        raise SolverError(
+            "early_stopping=True needs validation rows; pass validation= "
+            "or set early_stopping=False"
         )
 
 

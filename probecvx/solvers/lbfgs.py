@@ -35,17 +35,24 @@ import numpy as np
 
 from probecvx.errors import ConvergenceWarning, SolverError
 from probecvx.solvers._objective import (
-    ABSENT_INTERCEPT,
-    OBJECTIVE_FLOOR,
     STOP_RULE,
     Evaluator,
     NumpyEvaluator,
     TorchEvaluator,
+    describe_gradient_gap,
+    expand_classes,
     feature_scale,
     gradient_converged,
+    initial_point,
     present_classes,
+    record_validation,
 )
-from probecvx.solvers.base import ProbeFit, Validation, register_solver
+from probecvx.solvers.base import (
+    ProbeFit,
+    Validation,
+    check_fit_arguments,
+    register_solver,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -342,40 +349,14 @@ class LbfgsSolver:
         validation: Validation | None = None,
         early_stopping: bool = False,
     ) -> list[ProbeFit]:
-        """Fit one probe per value in ``Cs``; see :class:`~probecvx.solvers.Solver`.
+        """Fit one probe per value in ``Cs``; see :meth:`probecvx.solvers.Solver.fit`.
 
-        Parameters
-        ----------
-        X : ndarray of shape (n_samples, n_features)
-            Standardised features, float32 or float64 (other float dtypes are
-            read as float32 block by block).
-        y : ndarray of shape (n_samples,)
-            Class codes in ``0..n_classes-1``.
-        n_classes : int
-            The size of the fixed class set.
-        Cs : sequence of float
-            Inverse penalty strengths; one probe is returned per value.
-        tol : float
-            Tolerance of the stopping rule
-            :func:`~probecvx.solvers._objective.gradient_converged`.
-        max_iter : int
-            L-BFGS iterations allowed per probe.
-        warm_start : (coef, intercept) or None, default=None
-            A previous solution, shapes ``(n_classes, n_features)`` and
-            ``(n_classes,)``, used as the starting point of every probe.
-        validation : Validation or None, default=None
-            Rows on which each probe's loss and error are reported in
-            ``extra["val_loss"]`` and ``extra["val_error"]``.
-        early_stopping : bool, default=False
-            Stop each probe after ``patience`` iterations without a lower
-            validation loss and return its iterate of lowest validation loss.
-
-        Returns
-        -------
-        list of ProbeFit
-            In the order of ``Cs``.
+        ``X`` may have another float dtype, which is read as float32 block by
+        block. ``max_iter`` counts L-BFGS iterations, and so does ``patience``
+        for ``early_stopping``. ``warm_start`` is the starting point of every
+        probe.
         """
-        _check_arguments(Cs, early_stopping, validation)
+        check_fit_arguments(Cs, early_stopping, validation)
         if not Cs:
             return []
         start_time = time.perf_counter()
@@ -384,7 +365,7 @@ class LbfgsSolver:
         val = None
         if validation is not None:
             val = self._evaluator(validation.X, validation.y, n_classes)
-        theta0 = _initial_point(present, y_local, X.shape[1], n_classes, warm_start)
+        theta0 = initial_point(present, y_local, X.shape[1], n_classes, warm_start)
         preconditioners, mean_squares = _make_preconditioners(
             train, y_local, len(present), Cs, self.preconditioner
         )
@@ -412,7 +393,7 @@ class LbfgsSolver:
             for problem in problems
         ]
         if val is not None:
-            _record_validation(fits, val)
+            record_validation(fits, val)
         for fit, problem in zip(fits, problems, strict=True):
             _warn_if_not_converged(fit, problem, self.name, stacklevel=2)
         logger.debug(
@@ -544,67 +525,6 @@ class _Lockstep:
         return [float(f) for f in objective], grads, [float(v) for v in val_loss]
 
 
-def _check_arguments(
-    Cs: Sequence[float], early_stopping: bool, validation: Validation | None
-) -> None:
-    bad = [C for C in Cs if not (math.isfinite(C) and C > 0)]
-    if bad:
-        raise SolverError(
-            f"every C must be a positive finite number, got {bad}; "
-            "C is the inverse penalty strength"
-        )
-    if early_stopping and validation is None:
-        raise SolverError(
-            "early_stopping=True needs validation rows; pass validation= "
-            "or set early_stopping=False"
-        )
-
-
-def _initial_point(
-    present: np.ndarray,
-    y_local: np.ndarray,
-    n_features: int,
-    n_classes: int,
-    warm_start: tuple[np.ndarray, np.ndarray] | None,
-) -> np.ndarray:
-    """Return the packed starting point for the classes present.
-
-    Cold: zero weights and the intercepts that are optimal for them, the log
-    class frequencies. Warm: the given solution restricted to the classes
-    present. A class that was absent when that solution was fitted carries the
-    stand-in intercept, so it restarts from zero weights and the lowest
-    intercept of the others.
-    """
-    k = len(present)
-    if warm_start is None:
-        counts = np.bincount(y_local, minlength=k)
-        intercept = np.log(counts / counts.sum())
-        return np.concatenate([np.zeros(k * n_features), intercept - intercept.mean()])
-
-    coef_all = np.asarray(warm_start[0], dtype=np.float64)
-    intercept_all = np.asarray(warm_start[1], dtype=np.float64)
-    if coef_all.shape != (n_classes, n_features) or intercept_all.shape != (n_classes,):
-        raise SolverError(
-            f"warm_start has shapes {coef_all.shape} and {intercept_all.shape}, "
-            f"expected ({n_classes}, {n_features}) and ({n_classes},); pass the "
-            "coef and intercept of a probe fitted on the same site"
-        )
-    if not (np.isfinite(coef_all).all() and np.isfinite(intercept_all).all()):
-        raise SolverError(
-            "warm_start contains NaN or infinite values; start cold "
-            "(warm_start=None) instead"
-        )
-    coef = coef_all[present].copy()
-    intercept = intercept_all[present].copy()
-    was_absent = intercept <= ABSENT_INTERCEPT / 2
-    if was_absent.all():
-        intercept[:] = 0.0
-    elif was_absent.any():
-        intercept[was_absent] = intercept[~was_absent].min()
-    coef[was_absent] = 0.0
-    return np.concatenate([coef.ravel(), intercept - intercept.mean()])
-
-
 # --- Preconditioners -------------------------------------------------------------
 
 
@@ -724,50 +644,30 @@ def _stack(thetas: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
 def _expand(
     theta: np.ndarray, present: np.ndarray, n_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return the full ``(n_classes, d)`` coef and ``(n_classes,)`` intercept.
-
-    The intercepts of the classes present are centred to mean zero; absent
-    classes get zero weights and :data:`ABSENT_INTERCEPT`.
-    """
+    """Unpack ``theta`` into the full coef and intercept; see :func:`expand_classes`."""
     k = len(present)
     d = (theta.shape[0] - k) // k
-    coef = np.zeros((n_classes, d))
-    intercept = np.full(n_classes, ABSENT_INTERCEPT)
-    coef[present] = theta[: k * d].reshape(k, d)
-    intercept[present] = theta[k * d :] - theta[k * d :].mean()
-    return coef, intercept
-
-
-def _record_validation(fits: list[ProbeFit], val: Evaluator) -> None:
-    """Store each probe's validation loss and error in ``extra``, in one pass."""
-    coef = np.stack([fit.coef for fit in fits])
-    intercept = np.stack([fit.intercept for fit in fits])
-    loss, error = val.loss_error(coef, intercept)
-    for fit, fit_loss, fit_error in zip(fits, loss, error, strict=True):
-        fit.extra["val_loss"] = float(fit_loss)
-        fit.extra["val_error"] = float(fit_error)
+    return expand_classes(
+        theta[: k * d].reshape(k, d), theta[k * d :], present, n_classes
+    )
 
 
 def _warn_if_not_converged(
     fit: ProbeFit, problem: _Problem, solver: str, stacklevel: int
 ) -> None:
     """Emit a ConvergenceWarning for a probe stopped before meeting ``tol``."""
-    target = fit.tol * max(abs(fit.objective), OBJECTIVE_FLOOR)
+    gap = describe_gradient_gap(fit)
     if problem.status == "max_iter":
         message = (
-            f"{solver} reached max_iter={fit.n_iter} for C={fit.C:g} with "
-            f"max|grad f|={fit.grad_norm:.3g} above {target:.3g} "
-            f"(tol={fit.tol:g}); raise max_iter"
+            f"{solver} reached max_iter={fit.n_iter} for C={fit.C:g} with {gap}; "
+            "raise max_iter"
         )
     elif problem.status in ("line_search", "stalled"):
-        failure = (
-            "line search failed" if problem.status == "line_search" else ("stalled")
-        )
+        failure = "line search failed" if problem.status == "line_search" else "stalled"
         message = (
-            f"{solver} {failure} for C={fit.C:g} with "
-            f"max|grad f|={fit.grad_norm:.3g} above {target:.3g} "
-            f"(tol={fit.tol:g}): the objective no longer decreases at the "
-            "precision of the data's dtype; raise tol or pass float64 features"
+            f"{solver} {failure} for C={fit.C:g} with {gap}: the objective no "
+            "longer decreases at the precision of the data's dtype; raise tol or "
+            "pass float64 features"
         )
     else:
         return

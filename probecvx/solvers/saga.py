@@ -62,18 +62,24 @@ import numpy as np
 from probecvx.errors import ConvergenceWarning, SolverError
 from probecvx.solvers._kernels import SAG, SAGA, SVRG, run_epoch
 from probecvx.solvers._objective import (
-    ABSENT_INTERCEPT,
-    OBJECTIVE_FLOOR,
     STOP_RULE,
     NumpyEvaluator,
     default_block_rows,
+    describe_gradient_gap,
+    expand_classes,
     feature_scale,
     gradient_converged,
+    initial_point,
     present_classes,
+    record_validation,
     scaled_gradient_max,
 )
-from probecvx.solvers.base import ProbeFit, Validation, register_solver
-from probecvx.solvers.lbfgs import _check_arguments, _initial_point
+from probecvx.solvers.base import (
+    ProbeFit,
+    Validation,
+    check_fit_arguments,
+    register_solver,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -196,39 +202,12 @@ class IncrementalSolver:
         validation: Validation | None = None,
         early_stopping: bool = False,
     ) -> list[ProbeFit]:
-        """Fit one probe per value in ``Cs``; see :class:`~probecvx.solvers.Solver`.
+        """Fit one probe per value in ``Cs``; see :meth:`probecvx.solvers.Solver.fit`.
 
-        Parameters
-        ----------
-        X : ndarray of shape (n_samples, n_features)
-            Standardised features, float32 or float64.
-        y : ndarray of shape (n_samples,)
-            Class codes in ``0..n_classes-1``.
-        n_classes : int
-            The size of the fixed class set.
-        Cs : sequence of float
-            Inverse penalty strengths; one probe is returned per value.
-        tol : float
-            Tolerance of the stopping rule
-            :func:`~probecvx.solvers._objective.gradient_converged`.
-        max_iter : int
-            Epochs allowed per probe.
-        warm_start : (coef, intercept) or None, default=None
-            A previous solution, shapes ``(n_classes, n_features)`` and
-            ``(n_classes,)``.
-        validation : Validation or None, default=None
-            Rows on which each probe's loss and error are reported in
-            ``extra["val_loss"]`` and ``extra["val_error"]``.
-        early_stopping : bool, default=False
-            Stop each probe after ``patience`` epochs without a lower
-            validation loss and return its iterate of lowest validation loss.
-
-        Returns
-        -------
-        list of ProbeFit
-            In the order of ``Cs``.
+        ``max_iter`` counts epochs and must be at least 1. ``patience`` for
+        ``early_stopping`` counts epochs too.
         """
-        _check_arguments(Cs, early_stopping, validation)
+        check_fit_arguments(Cs, early_stopping, validation)
         if max_iter < 1:
             raise SolverError(f"max_iter must be at least 1, got {max_iter}")
         if not Cs:
@@ -237,7 +216,7 @@ class IncrementalSolver:
         present, y_local = present_classes(y, n_classes)
         data = _TrainingData(X, y_local, len(present), self.block_rows)
         batch_size = min(self.batch_size or data.auto_batch_size(), data.n_samples)
-        initial = _initial_point(present, y_local, X.shape[1], n_classes, warm_start)
+        initial = initial_point(present, y_local, X.shape[1], n_classes, warm_start)
         val = None
         if validation is not None:
             val = NumpyEvaluator(validation.X, validation.y, n_classes)
@@ -271,9 +250,7 @@ class IncrementalSolver:
         for index in range(len(Cs)):
             fit = runs[index].probe_fit(self.name, present, n_classes, tol)
             if val is not None:
-                loss, error = val.loss_error(fit.coef[None], fit.intercept[None])
-                fit.extra["val_loss"] = float(loss[0])
-                fit.extra["val_error"] = float(error[0])
+                record_validation([fit], val)
             _warn_if_not_converged(fit, runs[index].status, stacklevel=2)
             fits.append(fit)
         logger.debug(
@@ -822,9 +799,7 @@ class _Run:
         patience: int,
     ) -> None:
         """Record the validation loss for early stopping; stop after patience."""
-        coef, intercept = _expand(
-            self.coef, self.intercept, self.data, present, n_classes
-        )
+        coef, intercept = self.full_solution(present, n_classes)
         loss, _ = val.loss_error(coef[None], intercept[None])
         self.passes += val.n_samples / self.data.n_samples
         if loss[0] < self.best_val_loss:
@@ -845,13 +820,19 @@ class _Run:
             self.passes += 1.0
             self._accept(exact)
 
+    def full_solution(
+        self, present: np.ndarray, n_classes: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Return the iterate over all classes, with weights in feature units."""
+        return expand_classes(
+            self.coef * self.data.inv_scale, self.intercept, present, n_classes
+        )
+
     def probe_fit(
         self, solver: str, present: np.ndarray, n_classes: int, tol: float
     ) -> ProbeFit:
         """Return the checked point as a :class:`ProbeFit` over all classes."""
-        coef, intercept = _expand(
-            self.coef, self.intercept, self.data, present, n_classes
-        )
+        coef, intercept = self.full_solution(present, n_classes)
         return ProbeFit(
             C=self.C,
             coef=coef,
@@ -874,40 +855,18 @@ class _Run:
         )
 
 
-def _expand(
-    coef: np.ndarray,
-    intercept: np.ndarray,
-    data: _TrainingData,
-    present: np.ndarray,
-    n_classes: int,
-) -> tuple[np.ndarray, np.ndarray]:
-    """Return the ``(n_classes, d)`` weights in feature units and the intercepts.
-
-    The intercepts of the classes present are centred to mean zero; absent
-    classes get zero weights and :data:`ABSENT_INTERCEPT`.
-    """
-    full_coef = np.zeros((n_classes, data.n_features))
-    full_intercept = np.full(n_classes, ABSENT_INTERCEPT)
-    full_coef[present] = coef * data.inv_scale
-    full_intercept[present] = intercept - intercept.mean()
-    return full_coef, full_intercept
-
-
 def _warn_if_not_converged(fit: ProbeFit, status: str, stacklevel: int) -> None:
     """Emit a ConvergenceWarning for a probe stopped before meeting ``tol``."""
-    target = fit.tol * max(abs(fit.objective), OBJECTIVE_FLOOR)
+    gap = describe_gradient_gap(fit)
     if status == "max_iter":
         message = (
             f"{fit.solver} reached max_iter={fit.n_iter} epochs for C={fit.C:g} "
-            f"with max|grad f|={fit.grad_norm:.3g} above {target:.3g} "
-            f"(tol={fit.tol:g}); raise max_iter"
+            f"with {gap}; raise max_iter"
         )
     elif status == "stalled":
         message = (
-            f"{fit.solver} stalled for C={fit.C:g} with "
-            f"max|grad f|={fit.grad_norm:.3g} above {target:.3g} "
-            f"(tol={fit.tol:g}): {_MAX_HALVINGS} halvings of the step did not "
-            "lower the objective; raise tol"
+            f"{fit.solver} stalled for C={fit.C:g} with {gap}: {_MAX_HALVINGS} "
+            "halvings of the step did not lower the objective; raise tol"
         )
     else:
         return
