@@ -81,7 +81,7 @@ class Solver(Protocol):
         n_classes : int
             The size of the fixed class set.
         Cs : sequence of float
-            Inverse penalty strengths; one probe is returned per value.
+            Inverse penalty strengths. One probe is returned per value.
         tol : float
             Tolerance of the stopping rule
             :func:`~probecvx.solvers._objective.gradient_converged`.

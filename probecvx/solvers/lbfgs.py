@@ -3,18 +3,18 @@
 Each iteration of L-BFGS needs the objective and gradient over all rows, which
 costs two GEMMs with ``X``. The probes for the different values of ``C`` are
 fitted together. Their weights are stacked so that one GEMM over a block of
-``X`` serves all of them (see :mod:`probecvx.solvers._objective`), so a pass
-for ``m`` probes costs much less than ``m`` passes.
+``X`` serves all of them (see :mod:`probecvx.solvers._objective`). A pass for
+``m`` probes therefore costs much less than ``m`` passes.
 
-Each ``C`` still runs its own L-BFGS (history, line search, stopping test).
-One L-BFGS on the sum of the objectives would also have the right minimiser,
-because the sum is separable, but it would mix the probes: its curvature pairs
-and line search step are shared, so its Hessian model is not block-diagonal,
-and its stopping test on the joint gradient lets one badly converged probe hide
-behind well converged ones. Here the probes run in lockstep: in each round,
-every probe still running proposes one trial point, the trial points are
-evaluated together, and each probe then accepts its step or backtracks on its
-own. A probe that has stopped drops out of the GEMMs.
+Each ``C`` still runs its own L-BFGS, with its own history, line search and
+stopping test. One L-BFGS on the sum of the objectives would also have the
+right minimiser, because the sum is separable, but it would mix the probes.
+Its curvature pairs and line search step would be shared, so its Hessian model
+would not be block-diagonal. Its stopping test on the joint gradient would let
+one badly converged probe hide behind well converged ones. Here the probes run
+in lockstep. In each round, every probe still running proposes one trial point,
+the trial points are evaluated together, and each probe then accepts its step
+or backtracks on its own. A probe that has stopped drops out of the GEMMs.
 
 The optimiser state is float64 numpy on the host. With ``device="cuda"`` the
 data and the GEMMs live on the GPU and only the weights travel each round.
@@ -282,10 +282,10 @@ class LbfgsSolver:
         without a new lowest validation loss.
     preconditioner : {"auto", "covariance", "diagonal"}, default="auto"
         The initial inverse Hessian model. ``covariance`` inverts
-        ``kappa X^T X / n`` plus the penalty, which takes one pass that costs
-        ``n d^2`` flops and an eigendecomposition in ``d^3``; ``diagonal``
-        uses the mean squares of the features alone. ``auto`` picks
-        ``covariance`` when it costs at most 20 passes.
+        ``kappa X^T X / n`` plus the penalty. Building it takes one pass that
+        costs ``n d^2`` flops and an eigendecomposition in ``d^3``.
+        ``diagonal`` uses the mean squares of the features alone. ``auto``
+        picks ``covariance`` when it costs at most 20 passes.
 
     Notes
     -----
@@ -297,9 +297,9 @@ class LbfgsSolver:
     they all shift by the same amount.
 
     ``ProbeFit.data_passes`` counts the passes over the training rows made
-    while that probe was running, each shared with the other probes running
-    then, plus the one pass that measures the feature scales. A pass over
-    validation rows counts as ``n_val / n`` of a pass.
+    while that probe was running, plus the one pass that measures the feature
+    scales. Each pass is shared with the other probes running then. A pass
+    over validation rows counts as ``n_val / n`` of a pass.
     ``fit_seconds`` is the wall time from the start of the joint fit until that
     probe stopped.
 
@@ -349,12 +349,12 @@ class LbfgsSolver:
         validation: Validation | None = None,
         early_stopping: bool = False,
     ) -> list[ProbeFit]:
-        """Fit one probe per value in ``Cs``; see :meth:`probecvx.solvers.Solver.fit`.
+        """Fit one probe per value in ``Cs``.
 
-        ``X`` may have another float dtype, which is read as float32 block by
-        block. ``max_iter`` counts L-BFGS iterations, and so does ``patience``
-        for ``early_stopping``. ``warm_start`` is the starting point of every
-        probe.
+        Takes the arguments of :meth:`probecvx.solvers.Solver.fit`. ``X`` may
+        have another float dtype, which is read as float32 block by block.
+        ``max_iter`` counts L-BFGS iterations, and so does ``patience`` for
+        ``early_stopping``. ``warm_start`` is the starting point of every probe.
         """
         check_fit_arguments(Cs, early_stopping, validation)
         if not Cs:
@@ -540,9 +540,9 @@ class _Preconditioner(Protocol):
 class _DiagonalPreconditioner:
     """``H0`` diagonal, from the mean square of each feature.
 
-    The Hessian of the objective has diagonal about ``kappa * mean(x_j^2) +
-    1 / (C n)`` for the weights on feature ``j``, with ``kappa`` the softmax
-    curvature, and about ``kappa`` for the intercepts. Scaling by its inverse
+    With ``kappa`` the softmax curvature, the diagonal of the Hessian of the
+    objective is about ``kappa * mean(x_j^2) + 1 / (C n)`` for the weights on
+    feature ``j`` and about ``kappa`` for the intercepts. Scaling by its inverse
     makes L-BFGS invariant to the scale of each feature, so a few columns a
     thousand times larger than the rest do not stall it. On standardised
     features it is close to the identity.
@@ -644,7 +644,7 @@ def _stack(thetas: list[np.ndarray], k: int) -> tuple[np.ndarray, np.ndarray]:
 def _expand(
     theta: np.ndarray, present: np.ndarray, n_classes: int
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Unpack ``theta`` into the full coef and intercept; see :func:`expand_classes`."""
+    """Unpack ``theta`` and expand it to all classes with :func:`expand_classes`."""
     k = len(present)
     d = (theta.shape[0] - k) // k
     return expand_classes(

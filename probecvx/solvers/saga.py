@@ -1,6 +1,7 @@
 """SAGA, SAG and SVRG for probes: incremental gradient methods with numba epochs.
 
-Each epoch visits every training row once, in a random order, in mini-batches.
+Each epoch makes ``n`` visits to training rows, in mini-batches: a random
+permutation of the rows for SAGA and SVRG, ``n`` draws with replacement for SAG.
 A mini-batch step uses the change of the batch's gradients against a stored
 copy (the *memory*) plus the average of the stored gradients, so its variance
 vanishes at the optimum and a constant step converges linearly:
@@ -11,7 +12,7 @@ vanishes at the optimum and a constant step converges linearly:
 - ``sag`` (Schmidt, Le Roux and Bach, 2017) replaces the memory first and
   steps along the new average, a biased estimate with a lower variance. Like
   scikit-learn's SAG it draws rows with replacement and starts cold from an
-  empty memory: with a random permutation per epoch, or with a memory filled
+  empty memory. With a random permutation per epoch, or with a memory filled
   at the starting point, it diverged on the 20k x 512 problem of
   ``benchmarks/solvers.py``.
 - ``svrg`` (Johnson and Zhang, 2013) keeps the memory fixed during the epoch:
@@ -26,24 +27,24 @@ rows computes the objective and the exact gradient for the stopping rule and
 recomputes that sum from the memory, so rounding cannot accumulate in it.
 SVRG runs a full pass after every epoch, its next snapshot. SAGA and SAG run
 one after epochs 1, 3 and 7, then every ``_CHECK_INTERVAL`` epochs, and
-whenever the average of their stored gradients meets ``tol``, since that
-average approaches the gradient as the iterates settle.
+whenever the average of their stored gradients meets ``tol``. That average
+approaches the gradient as the iterates settle.
 
 Step size. The multinomial cross-entropy of one row has the Hessian
 ``(diag(p) - p p^T) (x) [x, 1][x, 1]^T``. The first factor's largest
 eigenvalue is the largest variance of a unit vector's entries under ``p``,
-which is at most 1/2, so row ``i`` is ``L_i = (||x_i||^2 + 1) / 2`` smooth.
+which is at most 1/2. So row ``i`` is ``L_i = (||x_i||^2 + 1) / 2`` smooth.
 A batch of ``b`` rows drawn without replacement has the expected smoothness
 ``L(b) = n (b - 1) / (b (n - 1)) L + (n - b) / (b (n - 1)) L_max``
 (Gazagnadou, Gower and Salmon, 2019). Here ``L`` is the smoothness of the mean
 loss, estimated by power iteration on a subsample of rows. The step is
 ``step_scale / L(b)``. When a full pass finds the objective higher than at the
-previous one, the iterate goes back there and the step is halved, so a step
-that is too long costs a few epochs, not the fit.
+previous one, the iterate goes back there and the step is halved. A step that
+is too long then costs a few epochs, not the fit.
 
 Preconditioning. The solver works with the features divided by
-``max(rms(x_j), 1)`` (see :func:`~probecvx.solvers._objective.feature_scale`),
-and with the penalty reweighted to match, so a few columns of scale 1e4 neither
+``max(rms(x_j), 1)`` (see :func:`~probecvx.solvers._objective.feature_scale`)
+and with the penalty reweighted to match. So a few columns of scale 1e4 neither
 force a tiny step on every weight nor change the solution. On standardised
 features the scaling is 1 everywhere and costs nothing.
 """
@@ -123,7 +124,7 @@ class IncrementalSolver:
         The update rule; see the module docstring.
     batch_size : int or None, default=None
         Rows per mini-batch. None picks it from the smoothness constants
-        (between 1 and 32); 1 is the classic one-row-at-a-time method.
+        (between 1 and 64); 1 is the classic one-row-at-a-time method.
     step_scale : float, default=2.0
         The step is ``step_scale / L(batch_size)``. The SAGA paper proves
         convergence for steps up to ``1 / (3 L_max)``, a step_scale of 1/3
@@ -202,8 +203,9 @@ class IncrementalSolver:
         validation: Validation | None = None,
         early_stopping: bool = False,
     ) -> list[ProbeFit]:
-        """Fit one probe per value in ``Cs``; see :meth:`probecvx.solvers.Solver.fit`.
+        """Fit one probe per value in ``Cs``.
 
+        Takes the arguments of :meth:`probecvx.solvers.Solver.fit`.
         ``max_iter`` counts epochs and must be at least 1. ``patience`` for
         ``early_stopping`` counts epochs too.
         """
