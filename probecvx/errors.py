@@ -22,8 +22,12 @@ class CheckpointError(ProbecvxError):
     """A checkpoint could not be found, read or loaded into the model."""
 
 
-class DatasetError(ProbecvxError):
-    """An input dataset could not be read or does not fit the model."""
+class DatasetError(InvalidInputError):
+    """The dataset given with ``--data`` could not be read or is invalid.
+
+    It is an :class:`InvalidInputError`, so the command line exits 2 for it,
+    as for any other invalid value or path.
+    """
 
 
 class SiteError(InvalidInputError):

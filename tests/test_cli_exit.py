@@ -1,0 +1,87 @@
+"""Tests of exit statuses: bad input, Ctrl-C, and what a failed run leaves behind."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+
+from probecvx.cli import main
+from tests.tinymodels import TINY_MODEL_SPEC, dyadic_inputs
+
+
+def invoke(*args: object) -> Result:
+    return CliRunner().invoke(main, [str(arg) for arg in args], catch_exceptions=False)
+
+
+def extract_args(checkpoint_dir: Path, data: Path, out: Path) -> list[object]:
+    return [
+        "extract",
+        checkpoint_dir,
+        "--data",
+        data,
+        "--out",
+        out,
+        "--model",
+        TINY_MODEL_SPEC,
+        "--device",
+        "cpu",
+        "--quiet",
+    ]
+
+
+# --- Bad datasets exit 2 --------------------------------------------------------------
+
+
+def save_npz(path: Path, **arrays: np.ndarray) -> Path:
+    np.savez(path, **arrays)
+    return path
+
+
+X = dyadic_inputs(12, seed=1)
+Y = np.arange(12) % 3
+BAD_DATASETS: dict[str, tuple[Callable[[Path], Path], str]] = {
+    "missing y": (
+        lambda folder: save_npz(folder / "d.npz", x=X, labels=Y),
+        "has no array named y or Y",
+    ),
+    "label count": (
+        lambda folder: save_npz(folder / "d.npz", x=X, y=Y[:10]),
+        "x has 12 samples but y has 10",
+    ),
+    "nan input": (
+        lambda folder: save_npz(folder / "d.npz", x=np.full_like(X, np.nan), y=Y),
+        "x has NaN or infinite values",
+    ),
+    "one class": (
+        lambda folder: save_npz(folder / "d.npz", x=X, y=np.zeros(12)),
+        "has only one class",
+    ),
+    "split values": (
+        lambda folder: save_npz(folder / "d.npz", x=X, y=Y, split=np.full(12, 7)),
+        "split has unknown values",
+    ),
+    "not an npz": (
+        lambda folder: (
+            (folder / "d.npz").write_bytes(b"not a zip") and folder / "d.npz"
+        ),
+        "cannot read",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_DATASETS))
+def test_bad_dataset_exits_2(checkpoint_dir: Path, tmp_path: Path, case: str) -> None:
+    make, message = BAD_DATASETS[case]
+    data = make(tmp_path)
+    out = tmp_path / "acts"
+
+    result = invoke(*extract_args(checkpoint_dir, data, out))
+
+    assert result.exit_code == 2, result.output
+    assert message in result.stderr
+    assert result.stderr.startswith("Error: ")
+    assert not out.exists()
