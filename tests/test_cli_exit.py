@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -9,8 +14,12 @@ import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
+from probecvx.atomic import TEMP_PREFIX
 from probecvx.cli import main
 from tests.tinymodels import TINY_MODEL_SPEC, dyadic_inputs
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
 
 
 def invoke(*args: object) -> Result:
@@ -31,6 +40,15 @@ def extract_args(checkpoint_dir: Path, data: Path, out: Path) -> list[object]:
         "cpu",
         "--quiet",
     ]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return False
 
 
 # --- Bad datasets exit 2 --------------------------------------------------------------
@@ -85,3 +103,54 @@ def test_bad_dataset_exits_2(checkpoint_dir: Path, tmp_path: Path, case: str) ->
     assert message in result.stderr
     assert result.stderr.startswith("Error: ")
     assert not out.exists()
+
+
+# --- Ctrl-C exits 130 -----------------------------------------------------------------
+
+
+def test_interrupt_exits_130_in_process(
+    checkpoint_dir: Path,
+    tiny_data_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def interrupt(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("probecvx.cli.extract.extract_checkpoints", interrupt)
+    result = invoke(*extract_args(checkpoint_dir, tiny_data_file, tmp_path / "acts"))
+
+    assert result.exit_code == 130
+    assert result.stderr.startswith("Interrupted; ")
+    assert "Aborted" not in result.stderr
+    assert result.stdout == ""
+
+
+def test_sigint_during_extract(
+    checkpoint_dir: Path, tiny_data_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "acts"
+    args = [str(arg) for arg in extract_args(checkpoint_dir, tiny_data_file, out)]
+    slow = [*args, "--model-kwargs", '{"delay": 0.1}', "--batch-size", "4"]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "probecvx", *slow],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        second_started = wait_for(
+            lambda: any(out.glob(f"{TEMP_PREFIX}step_20.h5.*")), timeout=60
+        )
+        process.send_signal(signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+        process.wait()
+
+    assert second_started, stderr
+    assert process.returncode == 130, stderr
+    assert "Interrupted; " in stderr
+    assert "Traceback" not in stderr
+    assert sorted(path.name for path in out.iterdir()) == ["step_10.h5"]

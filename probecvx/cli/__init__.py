@@ -2,7 +2,9 @@
 
 Each command module defines a click command and is registered below. Library
 errors (:class:`probecvx.errors.ProbecvxError`) become a one-line message on
-stderr and the error's exit code: 2 for bad usage, 1 for a failed run.
+stderr and the error's exit code: 2 for bad usage, 1 for a failed run. An
+interrupt (Ctrl-C, SIGINT) exits 130, the shell convention for a process
+stopped by SIGINT, with a one-line message and no traceback.
 """
 
 from __future__ import annotations
@@ -16,9 +18,15 @@ import click
 from probecvx import __version__
 from probecvx.errors import ProbecvxError
 
+#: Exit status after Ctrl-C: 128 + SIGINT (2), as shells report it.
+INTERRUPTED_EXIT_CODE = 130
+INTERRUPTED_MESSAGE = (
+    "Interrupted; finished files are kept, so run the same command again to continue."
+)
+
 
 class _Group(click.Group):
-    """A click group that turns library errors into exit codes."""
+    """A click group that turns library errors and Ctrl-C into exit codes."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -26,6 +34,11 @@ class _Group(click.Group):
         except ProbecvxError as err:
             click.echo(f"Error: {err}", err=True)
             ctx.exit(err.exit_code)
+        except KeyboardInterrupt:
+            # Click would print "Aborted!" and exit 1. The library removes its
+            # temporary files and claims while the interrupt unwinds the stack.
+            click.echo(INTERRUPTED_MESSAGE, err=True)
+            ctx.exit(INTERRUPTED_EXIT_CODE)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
