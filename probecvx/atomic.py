@@ -20,7 +20,7 @@ import re
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -140,6 +140,67 @@ def prepare_out_dir(out_dir: Path, option: str = "--out") -> Path:
             f"({err.strerror or err}); pass a folder you can write to with {option}"
         ) from err
     return out_dir
+
+
+@contextlib.contextmanager
+def output_folder(
+    out_dir: Path, option: str = "--out", *, scratch: Sequence[str] = ()
+) -> Iterator[Path]:
+    """Prepare ``out_dir`` for a run; on failure remove it if the run created it.
+
+    The folder is created and checked as by :func:`prepare_out_dir`. When the
+    block raises, including on ``KeyboardInterrupt``, the folders that this
+    call created are removed again if the run left no file in them. Files
+    under the relative paths in ``scratch``, such as a run's plan, do not
+    count as output and are removed with the folders. A folder that contains
+    any other file, such as one written by another process sharing it, is kept.
+    """
+    out_dir = Path(out_dir)
+    first_created = _first_missing_folder(out_dir)
+    try:
+        yield prepare_out_dir(out_dir, option)
+    except BaseException:
+        if first_created is not None:
+            _remove_unused_folders(first_created, [out_dir / name for name in scratch])
+        raise
+
+
+def _first_missing_folder(path: Path) -> Path | None:
+    """Return the outermost missing folder of ``path``, or None when it exists."""
+    missing = None
+    for folder in [path, *path.parents]:
+        if folder.exists():
+            break
+        missing = folder
+    return missing
+
+
+def _remove_unused_folders(top: Path, scratch: Sequence[Path]) -> None:
+    """Remove ``top`` and its subfolders unless they hold a file outside ``scratch``."""
+    try:
+        entries = list(top.rglob("*"))
+    except OSError as err:
+        logger.warning("kept output folder %s: cannot list it (%s)", top, err)
+        return
+    files = [entry for entry in entries if not entry.is_dir()]
+    if any(entry not in scratch for entry in files):
+        return
+    # NOTE: a process that starts to write into the same folder between this
+    # check and the removal makes a removal fail, and the folder is then kept.
+    try:
+        for entry in files:
+            entry.unlink(missing_ok=True)
+        folders = sorted(
+            (entry for entry in entries if entry.is_dir()),
+            key=lambda folder: len(folder.parts),
+            reverse=True,
+        )
+        for folder in [*folders, top]:
+            folder.rmdir()
+    except OSError as err:
+        logger.warning("kept output folder %s: %s", top, err)
+        return
+    logger.info("removed output folder %s: the failed run wrote nothing to it", top)
 
 
 def write_bytes_atomic(final: Path, data: bytes) -> None:

@@ -44,7 +44,7 @@ from tqdm import tqdm
 
 from probecvx import cluster
 from probecvx.atomic import (
-    prepare_out_dir,
+    output_folder,
     remove_stale_temp_files,
     write_text_atomic,
 )
@@ -211,7 +211,8 @@ def extract_checkpoints(
     dataset : ProbeDataset
         The samples to run through each model.
     out_dir : Path
-        Folder for the shards; created if missing.
+        Folder for the shards; created if missing. A folder created by this
+        call is removed again when the call raises before writing any file.
     model_factory : callable, optional
         Builds the untrained model that weight-only checkpoints are loaded
         into; not needed for TorchScript and pickled modules.
@@ -282,21 +283,48 @@ def extract_checkpoints(
     cluster.check_hdf5_locking(hdf5_locking)
     refs = discover_checkpoints(Path(checkpoint_dir), pattern)
     refs = _refs_of_shard(refs, shard)
-    out_dir = prepare_out_dir(Path(out_dir))
     if task is None:
         task = slurm_task_label()
     if task is None and shard is not None:
         task = f"{shard[0]}/{shard[1]}"
-    job = _Job(
-        out_dir=out_dir,
-        settings=settings,
-        owner=Owner.new_run(task),
-        claim_timeout=claim_timeout,
-        force=force,
-        keep_going=keep_going,
-        retry_failed=retry_failed,
-    )
+    # A run that fails before it writes anything removes the folder it created.
+    with output_folder(Path(out_dir)) as out_dir, cluster.hdf5_locking(hdf5_locking):
+        job = _Job(
+            out_dir=out_dir,
+            settings=settings,
+            owner=Owner.new_run(task),
+            claim_timeout=claim_timeout,
+            force=force,
+            keep_going=keep_going,
+            retry_failed=retry_failed,
+        )
+        return _extract_all(
+            refs,
+            dataset,
+            job,
+            model_factory=model_factory,
+            batch_size=batch_size,
+            device=torch_device,
+            trust=trust,
+            progress=progress,
+            on_shard=on_shard,
+        )
 
+
+def _extract_all(
+    refs: list[CheckpointRef],
+    dataset: ProbeDataset,
+    job: _Job,
+    *,
+    model_factory: Callable[[], nn.Module] | None,
+    batch_size: int,
+    device: torch.device,
+    trust: bool,
+    progress: bool,
+    on_shard: Callable[[ShardRecord], object] | None,
+) -> ExtractSummary:
+    """Clean ``job.out_dir`` of dead runs' files, then extract or skip each ref."""
+    out_dir = job.out_dir
     # Only files of processes that are gone are removed, so a job may start
     # while another one writes to the same folder.
     removed = remove_stale_temp_files(out_dir)
@@ -305,22 +333,19 @@ def extract_checkpoints(
             "removed %d temporary files of a killed run in %s", len(removed), out_dir
         )
     remove_stale_claims(
-        out_dir, f".*{SHARD_SUFFIX}{CLAIM_SUFFIX}", timeout=claim_timeout
+        out_dir, f".*{SHARD_SUFFIX}{CLAIM_SUFFIX}", timeout=job.claim_timeout
     )
 
     started = time.perf_counter()
     summary = ExtractSummary()
     n_batches = -(-dataset.n_samples // batch_size)
-    with (
-        cluster.hdf5_locking(hdf5_locking),
-        tqdm(
-            total=n_batches * len(refs),
-            unit="batch",
-            file=sys.stderr,
-            disable=not progress,
-            dynamic_ncols=True,
-        ) as bar,
-    ):
+    with tqdm(
+        total=n_batches * len(refs),
+        unit="batch",
+        file=sys.stderr,
+        disable=not progress,
+        dynamic_ncols=True,
+    ) as bar:
         for ref in refs:
             bar.set_description(ref.name)
             batches = _BatchCounter(bar.update)
@@ -330,7 +355,7 @@ def extract_checkpoints(
                 job,
                 model_factory=model_factory,
                 batch_size=batch_size,
-                device=torch_device,
+                device=device,
                 trust=trust,
                 on_batch=batches,
             )

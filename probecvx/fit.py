@@ -46,7 +46,7 @@ from tqdm import tqdm
 from probecvx import cluster, reports
 from probecvx.atomic import (
     atomic_path,
-    prepare_out_dir,
+    output_folder,
     remove_stale_temp_files,
     write_text_atomic,
 )
@@ -273,7 +273,9 @@ def fit_shards(
     acts_dir : Path
         The ``--out`` folder of ``probecvx extract``: one shard per checkpoint.
     out_dir : Path
-        The reports folder; created if missing.
+        The reports folder; created if missing. A folder created by this call
+        is removed again when the call raises before it commits a unit or a
+        report.
     solver : str, default="auto"
         A name from :func:`probecvx.solvers.available_solvers`.
     Cs : sequence of float, optional
@@ -376,38 +378,48 @@ def fit_shards(
         states, failed_shards = _select_checkpoints(states, failed_shards, checkpoints)
         selected_sites = _select_sites(states, sites)
 
-        # Plan every selected unit, then keep this task's part of them.
-        prepare_out_dir(out_dir)
-        remove_stale_temp_files(out_dir)
-        _write_plan_file(out_dir, Path(acts_dir), sites, checkpoints, context)
-        plan = _plan(states, selected_sites, context, out_dir, shard, n_workers)
-        logger.info(
-            "%d units for run %s of %s in %s: %d to fit, %d current%s",
-            plan.n_units,
-            context.owner.run,
-            context.owner.label(),
-            acts_dir,
-            plan.n_units - plan.n_current,
-            plan.n_current,
-            "" if shard is None else f" (task shard {shard[0]}/{shard[1]})",
-        )
+        # A run that fails before it commits a unit or a report removes the
+        # folder it created. Its plan and index are rewritten by any re-run.
+        scratch = [f"{UNITS_DIR}/{PLAN_NAME}", reports.INDEX_NAME]
+        with output_folder(out_dir, scratch=scratch):
+            # Plan every selected unit, then keep this task's part of them.
+            remove_stale_temp_files(out_dir)
+            _write_plan_file(out_dir, Path(acts_dir), sites, checkpoints, context)
+            plan = _plan(states, selected_sites, context, out_dir, shard, n_workers)
+            logger.info(
+                "%d units for run %s of %s in %s: %d to fit, %d current%s",
+                plan.n_units,
+                context.owner.run,
+                context.owner.label(),
+                acts_dir,
+                plan.n_units - plan.n_current,
+                plan.n_current,
+                "" if shard is None else f" (task shard {shard[0]}/{shard[1]})",
+            )
 
-        # Report the checkpoints with nothing to fit, and the unreadable shards.
-        run = _Run(states, out_dir, context)
-        run.start(failed_shards)
+            # Report the checkpoints with nothing to fit, and the unreadable
+            # shards.
+            run = _Run(states, out_dir, context)
+            run.start(failed_shards)
 
-        # Fit; each result is recorded as it arrives, in any order.
-        n_pending = sum(len(chain.pending) for chain in plan.chains)
-        with tqdm(
-            total=n_pending,
-            unit="probe",
-            desc="fit",
-            disable=not progress,
-            file=sys.stderr,
-        ) as bar:
-            run.on_result = bar.update
-            _execute(plan.chains, n_jobs, run)
-        run.finish_waiting()
+            # Fit; each result is recorded as it arrives, in any order.
+            n_pending = sum(len(chain.pending) for chain in plan.chains)
+            with tqdm(
+                total=n_pending,
+                unit="probe",
+                desc="fit",
+                disable=not progress,
+                file=sys.stderr,
+            ) as bar:
+                run.on_result = bar.update
+                try:
+                    _execute(plan.chains, n_jobs, run)
+                except BaseException:
+                    # Workers stopped by Ctrl-C or a crash here may not have
+                    # released their claims or removed their temporary files.
+                    _remove_dead_workers_files(out_dir, states, claim_timeout)
+                    raise
+            run.finish_waiting()
 
     summary = FitSummary(
         reports_dir=out_dir,
@@ -840,6 +852,17 @@ def _plan_units(
             elif entry is not None:
                 state.entries[site] = entry
     return units
+
+
+def _remove_dead_workers_files(
+    out_dir: Path, states: dict[str, _Checkpoint], claim_timeout: float
+) -> None:
+    """Remove the claims and temporary files of unit folders whose writer is gone."""
+    for name in states:
+        units_folder = unit_path(out_dir, name, "-").parent
+        if units_folder.is_dir():
+            remove_stale_temp_files(units_folder)
+            remove_stale_claims(units_folder, f"*{CLAIM_SUFFIX}", timeout=claim_timeout)
 
 
 def _planned_status(entry: dict[str, Any] | None, context: WorkerContext) -> str:

@@ -16,6 +16,8 @@ from click.testing import CliRunner, Result
 
 from probecvx.atomic import TEMP_PREFIX
 from probecvx.cli import main
+from probecvx.fit import read_unit_file
+from tests.test_fit import SOLVER, write_series
 from tests.tinymodels import TINY_MODEL_SPEC, dyadic_inputs
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -40,6 +42,15 @@ def extract_args(checkpoint_dir: Path, data: Path, out: Path) -> list[object]:
         "cpu",
         "--quiet",
     ]
+
+
+def leftovers(folder: Path) -> list[str]:
+    """Return the temporary and claim files anywhere under ``folder``."""
+    return sorted(
+        path.name
+        for path in folder.rglob("*")
+        if path.name.startswith(TEMP_PREFIX) or path.name.endswith(".claim")
+    )
 
 
 def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
@@ -105,6 +116,53 @@ def test_bad_dataset_exits_2(checkpoint_dir: Path, tmp_path: Path, case: str) ->
     assert not out.exists()
 
 
+# --- Failed runs remove the folder they created ---------------------------------------
+
+
+def test_extract_bad_site_leaves_no_folder(
+    checkpoint_dir: Path, tiny_data_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "new" / "acts"
+    args = extract_args(checkpoint_dir, tiny_data_file, out)
+
+    result = invoke(*args, "--sites", "fc9")
+
+    assert result.exit_code == 2, result.output
+    assert "unknown probe site 'fc9'" in result.stderr
+    assert not (tmp_path / "new").exists()
+
+
+def test_extract_failure_keeps_existing_folder(
+    checkpoint_dir: Path, tiny_data_file: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "acts"
+    out.mkdir()
+
+    result = invoke(*extract_args(checkpoint_dir, tiny_data_file, out), "--sites", "x")
+
+    assert result.exit_code == 2, result.output
+    assert out.is_dir()
+
+
+def test_fit_interrupt_removes_plan_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write_series(tmp_path / "acts", steps=(0,))
+    out = tmp_path / "out"
+
+    def interrupt(*args: object) -> None:
+        assert (out / ".units" / ".plan.json").is_file()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("probecvx.fit._execute", interrupt)
+    result = invoke(
+        "fit", tmp_path / "acts", "--out", out, "--solver", SOLVER, "--jobs", "1"
+    )
+
+    assert result.exit_code == 130, result.output
+    assert not out.exists()
+
+
 # --- Ctrl-C exits 130 -----------------------------------------------------------------
 
 
@@ -154,3 +212,48 @@ def test_sigint_during_extract(
     assert "Interrupted; " in stderr
     assert "Traceback" not in stderr
     assert sorted(path.name for path in out.iterdir()) == ["step_10.h5"]
+
+
+def test_sigint_during_fit_with_workers(tmp_path: Path) -> None:
+    acts, out = tmp_path / "acts", tmp_path / "out"
+    write_series(acts, steps=(0, 10, 20, 30))
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "probecvx",
+            "fit",
+            str(acts),
+            "--out",
+            str(out),
+            "--jobs",
+            "2",
+            "--plugin",
+            "tests.faultplugin",
+            "--solver",
+            "slow",
+            "--quiet",
+        ],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        started = wait_for(lambda: any(out.glob(".units/*/*.json")), timeout=120)
+        # A terminal sends Ctrl-C to the whole foreground process group.
+        os.killpg(process.pid, signal.SIGINT)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    assert started, stderr
+    assert process.returncode == 130, stderr
+    assert "Interrupted; " in stderr
+    assert "Traceback" not in stderr
+    assert leftovers(out) == []
+    for path in out.glob(".units/*/*.json"):
+        assert read_unit_file(path) is not None

@@ -17,7 +17,7 @@ import safetensors.torch
 import torch
 from click.testing import CliRunner
 
-from probecvx.atomic import TEMP_PREFIX, host_name
+from probecvx.atomic import TEMP_PREFIX, host_name, output_folder
 from probecvx.checkpoints import checkpoint_sha256, resolve_model_factory
 from probecvx.cli import main
 from probecvx.datasets import ProbeDataset, load_dataset
@@ -225,7 +225,7 @@ def test_unknown_site_writes_nothing(
     out = tmp_path / "acts"
     with pytest.raises(SiteError, match="unknown probe site 'fc9'"):
         run(checkpoint_dir, dataset, out, factory, sites=["fc9"])
-    assert list(out.iterdir()) == []
+    assert not out.exists()
 
 
 def test_skips_current_shards(
@@ -368,7 +368,7 @@ def test_nan_names_checkpoint_and_site(tmp_path: Path, dataset) -> None:
     assert message.startswith("checkpoint step_7 (")
     assert "probe site log has 40 NaN or infinite values" in message
     assert "first in sample row 0" in message
-    assert list(out.iterdir()) == []
+    assert not out.exists()
 
 
 def test_keep_going_records_failure(tmp_path: Path, dataset) -> None:
@@ -529,7 +529,7 @@ def test_disk_full_leaves_no_shard(
     out = tmp_path / "acts"
     with pytest.raises(ExtractionError, match=r"step_10\.h5: the disk is full"):
         run(checkpoint_dir, dataset, out, factory)
-    assert list(out.iterdir()) == []
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("device", ["tpu", "cuda:x", "cpu:0"])
@@ -613,3 +613,48 @@ def test_every_checkpoint_kind(dataset, tmp_path: Path) -> None:
             np.testing.assert_array_equal(
                 read_site(record.path, "classifier"), expected["classifier"]
             )
+
+
+# --- Output folder of a failed run ---------------------------------------------------
+
+
+def test_failed_run_keeps_existing_folder(
+    checkpoint_dir: Path, dataset, factory, tmp_path: Path
+) -> None:
+    out = tmp_path / "acts"
+    out.mkdir()
+    with pytest.raises(SiteError):
+        run(checkpoint_dir, dataset, out, factory, sites=["fc9"])
+    assert out.is_dir()
+
+
+def test_failed_run_removes_created_parents(
+    checkpoint_dir: Path, dataset, factory, tmp_path: Path
+) -> None:
+    with pytest.raises(SiteError):
+        run(checkpoint_dir, dataset, tmp_path / "a" / "b", factory, sites=["fc9"])
+    assert not (tmp_path / "a").exists()
+
+
+def test_output_folder_keeps_other_files(tmp_path: Path) -> None:
+    out = tmp_path / "a" / "out"
+    with pytest.raises(RuntimeError), output_folder(out):
+        (out / "written-by-another-job.h5").write_bytes(b"")
+        raise RuntimeError("run failed")
+    assert (out / "written-by-another-job.h5").is_file()
+
+
+def test_output_folder_removes_scratch(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with pytest.raises(KeyboardInterrupt), output_folder(out, scratch=[".u/plan"]):
+        (out / ".u" / "step_0").mkdir(parents=True)
+        (out / ".u" / "plan").write_text("{}")
+        raise KeyboardInterrupt
+    assert not out.exists()
+
+
+def test_output_folder_kept_on_success(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    with output_folder(out) as folder:
+        assert folder == out
+    assert out.is_dir()
