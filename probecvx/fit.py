@@ -31,6 +31,8 @@ import math
 import os
 import re
 import sys
+import threading
+import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -1134,6 +1136,7 @@ def _fit_chain(chain: ChainTask) -> list[UnitResult]:
     next unit starts.
     """
     context = chain.context
+    _exit_when_driver_dies(context.owner.pid)
     for name in context.plugins:
         _import_in_worker(name)
     solver = _worker_solver(context.settings)
@@ -1295,6 +1298,51 @@ def _worker_solver(settings: FitSettings) -> Solver:
     if settings.device != "cpu":
         solver.device = settings.device  # type: ignore[attr-defined]
     return solver
+
+
+#: Seconds between a worker's checks that the fit process that started it is alive.
+PARENT_POLL_SECONDS = 1.0
+
+_parent_watch_lock = threading.Lock()
+_parent_watch_started = False
+
+
+def _exit_when_driver_dies(driver_pid: int) -> None:
+    """Start a thread that ends this worker process when the fit process dies.
+
+    A loky worker whose parent was killed with SIGKILL goes on with the chain
+    it is fitting. Its heartbeat keeps its claims fresh, so a re-run leaves
+    those units to it. It then waits for tasks until joblib's idle timeout,
+    300 s in joblib 1.6. With this thread, a worker that the fit process
+    started exits within PARENT_POLL_SECONDS of that process's death, when it
+    is re-parented and its parent pid changes. The next run removes its
+    claims and temporary files, as for any killed process. Workers that the
+    fit process did not start, such as those of a Dask scheduler, are left
+    alone.
+    """
+    global _parent_watch_started
+    if os.getpid() == driver_pid or os.getppid() != driver_pid:
+        return
+    with _parent_watch_lock:
+        if _parent_watch_started:
+            return
+        _parent_watch_started = True
+    watch = threading.Thread(
+        target=_watch_parent,
+        args=(driver_pid,),
+        name="probecvx-parent-watch",
+        daemon=True,
+    )
+    watch.start()
+
+
+def _watch_parent(driver_pid: int) -> None:
+    while os.getppid() == driver_pid:
+        time.sleep(PARENT_POLL_SECONDS)
+    logger.warning(
+        "worker %d exits because its fit process %d is gone", os.getpid(), driver_pid
+    )
+    os._exit(1)
 
 
 def _import_in_worker(name: str) -> None:

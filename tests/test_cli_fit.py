@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +24,8 @@ from tests.test_fit import (
     write_series,
     write_shard,
 )
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def run_fit(*args: str) -> tuple[int, str, str]:
@@ -148,3 +157,59 @@ def test_fit_default_solver_is_auto(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert report["fit"]["solver"] == "auto"
     assert report["fit"]["Cs"] == [0.001, 0.01, 0.1, 1.0, 10.0, 100.0]
+
+
+def wait_for(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def live_processes_of_group(group: int) -> list[int]:
+    """Return the pids of the processes in process group ``group``, zombies excluded."""
+    pids = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # the process exited while the folder was listed
+        # The command name is in brackets and may contain spaces.
+        fields = text[text.rindex(")") + 2 :].split()
+        state, process_group = fields[0], int(fields[2])
+        if process_group == group and state != "Z":
+            pids.append(int(stat.parent.name))
+    return pids
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_workers_exit_when_fit_is_killed(tmp_path: Path) -> None:
+    acts, out = tmp_path / "acts", tmp_path / "out"
+    write_series(acts, steps=(0, 10, 20, 30))
+    command = [sys.executable, "-m", "probecvx", "fit", str(acts), "--out", str(out)]
+    options = ["--jobs", "2", "--plugin", "tests.faultplugin", "--solver", "slow"]
+    process = subprocess.Popen(
+        [*command, *options, "--quiet"],
+        env={**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        started = wait_for(lambda: any(out.glob(".units/*/*.json")), timeout=120)
+        workers = live_processes_of_group(process.pid)
+        # Only the fit process is killed, as the kernel's OOM killer does.
+        process.kill()
+        process.wait()
+        workers_gone = wait_for(
+            lambda: live_processes_of_group(process.pid) == [], timeout=30
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+
+    assert started
+    assert len(workers) >= 3  # the fit process and its two loky workers at least
+    assert workers_gone, live_processes_of_group(process.pid)
