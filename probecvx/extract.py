@@ -165,15 +165,17 @@ class _Settings:
     dtype: str
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "sites": None if self.sites is None else list(self.sites),
-                "pooling": self.pooling,
-                "storage_dtype": self.dtype,
-                "shard_schema_version": SHARD_SCHEMA_VERSION,
-            },
-            sort_keys=True,
-        )
+        settings: dict[str, object] = {
+            "sites": None if self.sites is None else list(self.sites),
+            "pooling": self.pooling,
+            "storage_dtype": self.dtype,
+            "shard_schema_version": SHARD_SCHEMA_VERSION,
+        }
+        if self.pooling != "none":
+            # Shards written without this key pooled the input site too. The
+            # key changes the id of pooled shards only, so those are rewritten.
+            settings["input_pooled"] = False
+        return json.dumps(settings, sort_keys=True)
 
     def hash(self) -> str:
         return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
@@ -223,7 +225,9 @@ def extract_checkpoints(
         :func:`probecvx.sites.select_sites`. Default: the input and every
         leaf module.
     pooling : {"none", "avg", "max"}, default="none"
-        Spatial pooling of sites with 3 or more dimensions per sample.
+        Spatial pooling of module outputs with 3 or more dimensions per
+        sample, such as (C, H, W), to C features. The ``input`` site is
+        never pooled.
     dtype : {"float32", "float16"}, default="float32"
         Storage dtype. float16 halves the size; values beyond ±65504 are
         clipped, counted in the site's ``overflow_count`` and warned about.

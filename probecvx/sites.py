@@ -74,7 +74,8 @@ class SiteInfo:
         Whether the module has no children; the input counts as a leaf.
     pooling : str
         Pooling applied to this site: ``none`` unless the requested pooling
-        applies, which needs at least 3 dimensions per sample.
+        applies, which needs a module output with at least 3 dimensions per
+        sample. The ``input`` site is never pooled.
     output_type : str
         Type name of the module's raw output, e.g. ``Tensor`` or ``tuple``.
     n_tensors : int
@@ -136,10 +137,11 @@ def list_sites(
     example_batch : Tensor of shape (b, *sample_shape)
         A few samples; 2 or more let a missing batch axis be detected.
     pooling : {"none", "avg", "max"}, default="none"
-        ``avg`` or ``max`` reduce each site with at least 3 dimensions per
-        sample, such as (C, H, W), over every dimension after the channel
-        axis. Other sites are flattened. Sets each site's ``pooling``,
-        ``n_features`` and ``bytes_per_sample``.
+        ``avg`` or ``max`` reduce each module output with at least 3
+        dimensions per sample, such as (C, H, W), over every dimension after
+        the channel axis, to C features. The ``input`` site and other sites
+        are flattened. Sets each site's ``pooling``, ``n_features`` and
+        ``bytes_per_sample``.
 
     Returns
     -------
@@ -180,7 +182,7 @@ def list_sites(
             handle.remove()
 
     leaves = {name for name, module in modules if _is_leaf(module)}
-    infos = [_input_info(example_batch, pooling)]
+    infos = [_input_info(example_batch)]
     for module_name, module_type, call_index, summary in records:
         infos.append(
             _module_info(
@@ -557,9 +559,11 @@ def _summarize_output(output: Any, batch_size: int) -> _OutputSummary:
     return _OutputSummary(shape[1:], output_type, n_tensors, "")
 
 
-def _input_info(batch: torch.Tensor, pooling: str) -> SiteInfo:
+def _input_info(batch: torch.Tensor) -> SiteInfo:
+    # The input is never pooled because it is raw data, not a feature map.
+    # Pooling a grayscale image would leave one feature per sample.
     shape = tuple(int(size) for size in batch.shape[1:])
-    n_features = pooled_features(shape, pooling)
+    n_features = math.prod(shape)
     return SiteInfo(
         name=INPUT_SITE,
         module_type="input",
@@ -568,7 +572,7 @@ def _input_info(batch: torch.Tensor, pooling: str) -> SiteInfo:
         bytes_per_sample=4.0 * n_features,
         calls=1,
         order=0,
-        pooling=site_pooling(shape, pooling),
+        pooling="none",
     )
 
 

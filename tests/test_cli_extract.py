@@ -101,7 +101,7 @@ def test_layers_all_with_data(checkpoint_dir: Path, tiny_data_file: Path) -> Non
     ]
     assert rows["features"][1] == "Sequential"
     assert rows["features.0"][-3:] == ["4", "16", "1"]
-    assert rows["input"][-3:] == ["1", "4", "1"]
+    assert rows["input"][-3:] == ["64", "256", "1"]
 
 
 def test_layers_needs_an_input(checkpoint_dir: Path) -> None:
@@ -197,6 +197,8 @@ def test_extract_options_reach_shards(
     info = read_shard_info(out / "step_10.h5")
     assert info.sites == ["input", "features.1", "features.4", "classifier"]
     assert info.pooling == "max"
+    assert info.site_attrs["input"]["n_features"] == 64
+    assert info.site_attrs["features.1"]["n_features"] == 4
     assert info.storage_dtype == "float16"
     assert info.n_samples == 30
 

@@ -203,10 +203,16 @@ def test_pooled_values(
     assert info.site_attrs["features.2"]["pooling"] == pooling
     assert info.site_attrs["features.2"]["original_shape"] == [4, 4, 4]
     assert info.site_attrs["classifier"]["pooling"] == "none"
-    for site in ["input", "features.0", "features.2", "features.4"]:
+    assert info.site_attrs["input"]["pooling"] == "none"
+    assert info.site_attrs["input"]["n_features"] == 64
+    assert json.loads(info.attrs["settings_json"])["input_pooled"] is False
+    for site in ["features.0", "features.2", "features.4"]:
         spatial = reference[site].flatten(2)
         pooled = spatial.mean(2) if pooling == "avg" else spatial.amax(2)
         np.testing.assert_array_equal(read_site(shard, site), pooled.numpy())
+    np.testing.assert_array_equal(
+        read_site(shard, "input"), reference["input"].flatten(1).numpy()
+    )
 
 
 def test_selected_sites_only(checkpoint_dir: Path, dataset, factory, tmp_path) -> None:

@@ -251,16 +251,18 @@ def test_pooling(seed: int, pooling: str) -> None:
     by_name = {info.name: info for info in infos}
     assert by_name["features.0"].n_features == 4
     assert by_name["features.0"].pooling == pooling
-    assert by_name["input"].n_features == 1
+    assert by_name["input"].n_features == 64
+    assert by_name["input"].pooling == "none"
     assert by_name["classifier"].n_features == 3
     assert by_name["classifier"].pooling == "none"
 
     captured = capture(model, select_sites(infos, None), batch)
     expected = reference_forward(model, batch)
-    for name in ["input", "features.0", "features.2", "features.4"]:
+    for name in ["features.0", "features.2", "features.4"]:
         spatial = expected[name].flatten(2)
         pooled = spatial.mean(2) if pooling == "avg" else spatial.amax(2)
         torch.testing.assert_close(captured[name], pooled, rtol=0, atol=0)
+    torch.testing.assert_close(captured["input"], batch.flatten(1), rtol=0, atol=0)
     torch.testing.assert_close(captured["classifier"], expected["classifier"])
 
 

@@ -61,8 +61,9 @@ def split_site_requests(values: tuple[str, ...]) -> list[str] | None:
     type=click.Choice(POOLINGS),
     default="none",
     show_default=True,
-    help="Average or max over the spatial dimensions of sites with 3 or more "
-    "dimensions per sample, such as (C, H, W).",
+    help="Average or max over the spatial dimensions of module outputs with 3 "
+    "or more dimensions per sample, such as (C, H, W), leaving C features. "
+    "The input site and outputs with fewer dimensions are stored flattened.",
 )
 @click.option(
     "--dtype",
