@@ -576,7 +576,7 @@ def _extract_or_skip(
     with held:
         if not job.force:
             # Another process may have written the shard just before the claim.
-            current_sites = _current_shard_sites(final, shard_id)
+            current_sites = _current_shard_sites(final, shard_id, log=False)
             if current_sites is not None:
                 logger.info("shard %s was written by another process", final)
                 return outcome("skipped", current_sites)
@@ -705,20 +705,44 @@ def _shard_attrs(
     }
 
 
-def _current_shard_sites(final: Path, shard_id: str) -> int | None:
-    """Return the site count of the shard at ``final`` if its id is ``shard_id``."""
+def _current_shard_sites(final: Path, shard_id: str, *, log: bool = True) -> int | None:
+    """Return the site count of the shard at ``final`` if its id is ``shard_id``.
+
+    With ``log``, say why an existing shard is not current.
+    """
     if not final.exists():
         return None
     try:
         info = read_shard_info(final)
     except ShardError as err:
-        message = cluster.explain_lock_error(str(err))
-        logger.warning("rewriting unreadable shard %s: %s", final, message)
+        if log:
+            logger.warning(
+                "shard %s is unreadable, so this run extracts it again to "
+                "replace it. Read error: %s",
+                final,
+                _without_advice(str(err)),
+            )
         return None
     if info.shard_id != shard_id:
-        logger.info("shard %s is stale (checkpoint, data or settings changed)", final)
+        if log:
+            logger.info(
+                "shard %s is stale (checkpoint, data or settings changed)", final
+            )
         return None
     return len(info.sites)
+
+
+def _without_advice(message: str) -> str:
+    """Drop the advice to re-run `probecvx extract` from a shard error message.
+
+    Shard errors end with advice such as "delete it and re-run `probecvx
+    extract`", which is for readers of the shard. Extraction replaces the
+    shard itself, so that advice does not apply here.
+    """
+    problem, separator, advice = message.rpartition("; ")
+    if separator and "probecvx extract" in advice:
+        return problem
+    return message
 
 
 def _write_shard(

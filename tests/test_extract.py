@@ -326,8 +326,35 @@ def test_corrupt_shard_is_rewritten(
         "skipped",
         "skipped",
     ]
-    assert "rewriting unreadable shard" in caplog.text
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert "step_10.h5 is unreadable, so this run extracts it again" in warnings[0]
+    assert "not an HDF5 file or truncated" in warnings[0]
+    assert "delete it" not in warnings[0]
+    assert "re-run" not in warnings[0]
     assert read_shard_info(out / "step_10.h5").sites == CONV_SITES
+
+
+def test_incomplete_shard_is_rewritten(
+    checkpoint_dir: Path, dataset, factory, tmp_path: Path, caplog
+) -> None:
+    out = tmp_path / "acts"
+    run(checkpoint_dir, dataset, out, factory)
+    with h5py.File(out / "step_20.h5", "a") as file:
+        del file.attrs["step"]
+
+    summary = run(checkpoint_dir, dataset, out, factory)
+    assert [record.status for record in summary.records] == [
+        "skipped",
+        "written",
+        "skipped",
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert warnings[0].endswith(
+        "Read error: shard " + str(out / "step_20.h5") + " has no root attribute 'step'"
+    )
+    assert read_shard_info(out / "step_20.h5").step == 20
 
 
 def test_float16_overflow_is_counted(dataset, tmp_path: Path) -> None:
