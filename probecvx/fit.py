@@ -98,7 +98,7 @@ from probecvx.probe import (
     new_entry,
 )
 from probecvx.shards import SHARD_SUFFIX, ShardInfo, read_shard_info, read_targets
-from probecvx.solvers import Solver, available_solvers, get_solver
+from probecvx.solvers import EARLY_STOPPED, Solver, available_solvers, get_solver
 from probecvx.solvers._objective import DEFAULT_TOL
 
 __all__ = [
@@ -192,7 +192,9 @@ class FitSummary:
     ``failed_checkpoints`` contains ``(checkpoint, error)`` for each shard
     that could not be read. ``n_claimed`` counts units left to another process
     that held their claim, and ``n_waiting`` the checkpoints whose report
-    waits for units of other tasks.
+    waits for units of other tasks. ``n_not_converged`` counts the probes that
+    stopped before meeting ``tol``, except the ``n_stopped_early`` that early
+    stopping returned.
     """
 
     reports_dir: Path
@@ -204,6 +206,7 @@ class FitSummary:
     failed_units: list[tuple[str, str, str]]
     failed_checkpoints: list[tuple[str, str]]
     n_not_converged: int
+    n_stopped_early: int = 0
     n_claimed: int = 0
     failed_earlier: list[tuple[str, str, str]] = field(default_factory=list)
     n_waiting: int = 0
@@ -433,6 +436,7 @@ def fit_shards(
         failed_units=run.failed_units,
         failed_checkpoints=[(name, error) for name, _, error in failed_shards],
         n_not_converged=run.n_not_converged,
+        n_stopped_early=run.n_stopped_early,
         n_claimed=run.n_claimed,
         failed_earlier=plan.failed_earlier + run.failed_elsewhere,
         n_waiting=run.n_waiting,
@@ -1393,6 +1397,7 @@ class _Run:
         self.failed_units: list[tuple[str, str, str]] = []
         self.failed_elsewhere: list[tuple[str, str, str]] = []
         self.n_not_converged = 0
+        self.n_stopped_early = 0
         self.n_fitted = 0
         self.n_done_elsewhere = 0
         self.n_claimed = 0
@@ -1508,6 +1513,8 @@ class _Run:
         self.n_fitted += 1
         if failed:
             self.failed_units.append(error)
+        elif entry["solver"].get("stop_reason") == EARLY_STOPPED:
+            self.n_stopped_early += 1
         elif not entry["solver"]["converged"]:
             self.n_not_converged += 1
 
@@ -1613,12 +1620,11 @@ def _log_unit(result: UnitResult) -> None:
 def _warn_not_converged(summary: FitSummary, settings: FitSettings) -> None:
     if not summary.n_not_converged:
         return
-    early = " or by early stopping" if settings.early_stopping else ""
     warnings.warn(
         f"{summary.n_not_converged} of {summary.n_fitted} probes did not converge: "
         f"they stopped before meeting tol={settings.tol:g}, at "
-        f"max_iter={settings.max_iter}, when the solver could not make "
-        f"progress{early}. Their reports mark them converged: false. Raise "
+        f"max_iter={settings.max_iter} or when the solver could not make "
+        "progress. Their reports mark them converged: false. Raise "
         "max_iter or tol and re-run to refit them",
         ConvergenceWarning,
         stacklevel=3,

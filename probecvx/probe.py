@@ -498,4 +498,10 @@ def _solver_record(
             float(fit.data_passes), "data pass count", notes
         ),
         "warm_started": warm_started,
+        "stop_reason": _optional_text(fit.extra.get("stop_reason")),
+        "picked_because": _optional_text(fit.extra.get("picked_because")),
     }
+
+
+def _optional_text(value: object) -> str | None:
+    return None if value is None else str(value)

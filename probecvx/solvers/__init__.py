@@ -7,6 +7,7 @@ from probecvx.solvers import (
     saga,  # noqa: F401  (registers saga and sag)
 )
 from probecvx.solvers.base import (
+    EARLY_STOPPED,
     ProbeFit,
     Solver,
     Validation,
@@ -19,6 +20,7 @@ from probecvx.solvers.base import (
 )
 
 __all__ = [
+    "EARLY_STOPPED",
     "ProbeFit",
     "Solver",
     "Validation",

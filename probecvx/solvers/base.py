@@ -23,6 +23,10 @@ import numpy as np
 
 from probecvx.errors import InvalidInputError, SolverError
 
+#: ``ProbeFit.extra["stop_reason"]`` of a probe that early stopping on the val
+#: split returned before the stopping rule was met.
+EARLY_STOPPED = "early_stopped"
+
 
 @dataclass
 class ProbeFit:

@@ -48,6 +48,7 @@ from probecvx.solvers._objective import (
     record_validation,
 )
 from probecvx.solvers.base import (
+    EARLY_STOPPED,
     ProbeFit,
     Validation,
     check_fit_arguments,
@@ -244,7 +245,7 @@ class _Problem:
             self.best_grad_max = self.grad_max
             self.best_iter = self.n_iter
         elif self.running and self.n_iter - self.best_iter >= patience:
-            self.status = "early_stopped"
+            self.status = EARLY_STOPPED
 
     def restore_best(self) -> None:
         """Go back to the iterate with the lowest validation loss.
@@ -258,7 +259,7 @@ class _Problem:
         self.theta = self.best_theta
         self.objective = self.best_objective
         self.grad_max = self.best_grad_max
-        self.status = "early_stopped"
+        self.status = EARLY_STOPPED
 
 
 class LbfgsSolver:

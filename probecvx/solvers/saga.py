@@ -76,6 +76,7 @@ from probecvx.solvers._objective import (
     scaled_gradient_max,
 )
 from probecvx.solvers.base import (
+    EARLY_STOPPED,
     ProbeFit,
     Validation,
     check_fit_arguments,
@@ -727,7 +728,7 @@ class _Run:
             if patience:
                 assert val is not None
                 self._observe_validation(val, present, n_classes, patience)
-                if self.status == "early_stopped":
+                if self.status == EARLY_STOPPED:
                     break
             last = self.n_iter >= max_iter
             if (
@@ -743,7 +744,7 @@ class _Run:
             elif self.halvings > _MAX_HALVINGS:
                 self.status = "stalled"
 
-        if self.best is not None and self.status in ("early_stopped", "max_iter"):
+        if self.best is not None and self.status in (EARLY_STOPPED, "max_iter"):
             self._restore_best()
         elif self.since_check:
             # Stopped at max_iter or stalled after a rejected epoch.
@@ -809,7 +810,7 @@ class _Run:
             self.best_epoch = self.n_iter
             self.best = (self.coef.copy(), self.intercept.copy())
         elif self.n_iter - self.best_epoch >= patience:
-            self.status = "early_stopped"
+            self.status = EARLY_STOPPED
 
     def _restore_best(self) -> None:
         """Go back to the iterate of lowest validation loss and evaluate it."""
