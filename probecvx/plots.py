@@ -38,7 +38,7 @@ from matplotlib.colors import Colormap, PowerNorm
 from matplotlib.figure import Figure
 
 from probecvx import __version__
-from probecvx.atomic import atomic_path, prepare_out_dir, write_text_atomic
+from probecvx.atomic import atomic_path, output_folder, write_text_atomic
 from probecvx.errors import InvalidInputError
 
 logger = logging.getLogger(__name__)
@@ -542,17 +542,18 @@ def write_report_figures(
     if sites is not None:
         _validate_sites(sites, grid.sites)
 
-    out_dir = prepare_out_dir(Path(out_dir))
-    written = [
-        plot_training_heatmap(rows, out_dir / HEATMAP_NAME),
-        plot_error_curves(rows, out_dir / CURVES_NAME, sites),
-        *plot_site_bars(rows, out_dir),
-    ]
-    if animate is not None:
-        written.append(animate_site_bars(rows, out_dir / f"{ANIMATION_STEM}.{animate}"))
-    if fmt == "html":
-        embeddable = [p for p in written if p.suffix in _HTML_MIME_TYPES]
-        written.append(write_html(rows, embeddable, out_dir / HTML_NAME))
+    with output_folder(Path(out_dir)) as out_dir:
+        written = [
+            plot_training_heatmap(rows, out_dir / HEATMAP_NAME),
+            plot_error_curves(rows, out_dir / CURVES_NAME, sites),
+            *plot_site_bars(rows, out_dir),
+        ]
+        if animate is not None:
+            animation = out_dir / f"{ANIMATION_STEM}.{animate}"
+            written.append(animate_site_bars(rows, animation))
+        if fmt == "html":
+            embeddable = [p for p in written if p.suffix in _HTML_MIME_TYPES]
+            written.append(write_html(rows, embeddable, out_dir / HTML_NAME))
     logger.info("wrote %d report files to %s", len(written), out_dir)
     return written
 

@@ -250,3 +250,23 @@ def test_write_report_figures_rejects(
     with pytest.raises(InvalidInputError, match=message):
         plots.write_report_figures(records, tmp_path / "figures", **options)
     assert not (tmp_path / "figures").exists()
+
+
+def test_write_report_figures_failure_removes_new_folder(
+    records: list[dict[str, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def fail(*args: Any) -> Path:
+        raise OSError("disk full")
+
+    # The heatmap is the first figure, so this run fails before writing any.
+    monkeypatch.setattr(plots, "plot_training_heatmap", fail)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+
+    with pytest.raises(OSError, match="disk full"):
+        plots.write_report_figures(records, tmp_path / "new" / "figures")
+    with pytest.raises(OSError, match="disk full"):
+        plots.write_report_figures(records, kept)
+
+    assert not (tmp_path / "new").exists()
+    assert kept.is_dir()
