@@ -394,6 +394,55 @@ def test_lbfgs_torch_matches_numpy(seed: int, dtype: type) -> None:
         np.testing.assert_allclose(b.coef, a.coef, atol=1e-4)
 
 
+def direct_loss_grad(
+    X: np.ndarray, y: np.ndarray, coef: np.ndarray, intercept: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Return the summed loss and gradients of ``m`` probes, in float64 numpy."""
+    n = len(y)
+    logits = np.einsum("nd,mkd->nmk", X.astype(np.float64), coef) + intercept
+    shift = logits.max(axis=2, keepdims=True)
+    exp = np.exp(logits - shift)
+    norm = exp.sum(axis=2, keepdims=True)
+    loss = np.log(norm[:, :, 0]) + shift[:, :, 0] - logits[np.arange(n), :, y]
+    residual = exp / norm
+    residual[np.arange(n), :, y] -= 1.0
+    grad_coef = np.einsum("nmk,nd->mkd", residual, X.astype(np.float64))
+    return loss.sum(axis=0), grad_coef, residual.sum(axis=0)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+@pytest.mark.parametrize(("m", "k"), [(1, 2), (1, 10), (3, 10), (8, 5)])
+def test_numpy_evaluator_paths_match_direct(
+    seed: int, dtype: type, m: int, k: int
+) -> None:
+    # (1, 2) to (3, 10) run the fused kernel, 8 probes of 5 classes the wide
+    # GEMMs, and float16 always the wide GEMMs on float32 blocks.
+    rng = np.random.default_rng(seed)
+    X, y = make_problem(rng, n=1001, d=37, k=k, dtype=dtype)
+    coef = 0.3 * rng.standard_normal((m, k, 37))
+    intercept = rng.standard_normal((m, k))
+    Cs = np.linspace(0.5, 2.0, m)
+    n = len(y)
+
+    loss, grad_coef, grad_intercept = direct_loss_grad(X, y, coef, intercept)
+    objective, got_coef, got_intercept = NumpyEvaluator(X, y, k).loss_grad(
+        coef, intercept, Cs
+    )
+
+    penalty = (coef**2).sum(axis=(1, 2)) / (2 * Cs * n)
+    rtol = 1e-12 if dtype == np.float64 else 1e-5
+    np.testing.assert_allclose(objective, loss / n + penalty, rtol=rtol)
+    np.testing.assert_allclose(
+        got_coef,
+        grad_coef / n + coef / (Cs[:, None, None] * n),
+        rtol=rtol,
+        atol=rtol * 1e-2,
+    )
+    np.testing.assert_allclose(
+        got_intercept, grad_intercept / n, rtol=rtol, atol=rtol * 1e-2
+    )
+
+
 def test_torch_evaluator_matches_numpy(seed: int) -> None:
     from probecvx.solvers._objective import TorchEvaluator
 

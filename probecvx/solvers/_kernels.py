@@ -180,3 +180,79 @@ def run_epoch(
                 if update_memory:
                     intercept_grad_sum[k] += delta_intercept[k]
     return n_seen
+
+
+@njit(cache=True, fastmath=False)
+def loss_grad_blocks(
+    X: np.ndarray,
+    y: np.ndarray,
+    weights: np.ndarray,
+    bias: np.ndarray,
+    n_classes: int,
+    block_rows: int,
+    grad: np.ndarray,
+    grad_intercept: np.ndarray,
+) -> np.ndarray:
+    """Add the summed loss gradient of ``m`` probes to ``grad``; return their losses.
+
+    One block of rows at a time: the logits GEMM, the softmax and the
+    residual GEMM run while the block is still in cache, so ``X`` is read once
+    per call and no Python runs per block.
+
+    Parameters
+    ----------
+    X : ndarray of shape (n, d), float32 or float64, C-contiguous
+    y : ndarray of shape (n,)
+        Local class indices.
+    weights : ndarray of shape (d, m * n_classes), the dtype of ``X``
+        The stacked coefficients, probe after probe.
+    bias : ndarray of shape (m * n_classes,), float64
+    n_classes : int
+    block_rows : int
+    grad : ndarray of shape (m * n_classes, d), float64
+        Receives the sum over rows of ``residual_i x_i``.
+    grad_intercept : ndarray of shape (m, n_classes), float64
+        Receives the sum over rows of ``residual_i``.
+
+    Returns
+    -------
+    loss : ndarray of shape (m,), float64
+        The summed cross-entropy of each probe.
+    """
+    n, d = X.shape
+    width = weights.shape[1]
+    n_probes = width // n_classes
+    loss = np.zeros(n_probes)
+    residual = np.empty((block_rows, width), dtype=X.dtype)
+    shifted = np.empty(n_classes)
+
+    for start in range(0, n, block_rows):
+        stop = min(start + block_rows, n)
+        rows = X[start:stop]
+        logits = np.dot(rows, weights)
+        for i in range(stop - start):
+            label = y[start + i]
+            for probe in range(n_probes):
+                offset = probe * n_classes
+                shift = -np.inf
+                for k in range(n_classes):
+                    shifted[k] = logits[i, offset + k] + bias[offset + k]
+                    if shifted[k] > shift:
+                        shift = shifted[k]
+                total = 0.0
+                for k in range(n_classes):
+                    shifted[k] = np.exp(shifted[k] - shift)
+                    total += shifted[k]
+                true_logit = logits[i, offset + label] + bias[offset + label]
+                loss[probe] += np.log(total) + shift - true_logit
+                for k in range(n_classes):
+                    value = shifted[k] / total
+                    if k == label:
+                        value -= 1.0
+                    residual[i, offset + k] = value
+                    grad_intercept[probe, k] += value
+        block_grad = np.dot(residual[: stop - start].T, rows)
+        for row in range(width):
+            for j in range(d):
+                grad[row, j] += block_grad[row, j]
+    return loss
