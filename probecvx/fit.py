@@ -194,7 +194,8 @@ class FitSummary:
     that held their claim, and ``n_waiting`` the checkpoints whose report
     waits for units of other tasks. ``n_not_converged`` counts the probes that
     stopped before meeting ``tol``, except the ``n_stopped_early`` that early
-    stopping returned.
+    stopping returned. ``not_converged`` lists those probes as
+    ``(checkpoint, site)``, in step order.
     """
 
     reports_dir: Path
@@ -210,6 +211,7 @@ class FitSummary:
     n_claimed: int = 0
     failed_earlier: list[tuple[str, str, str]] = field(default_factory=list)
     n_waiting: int = 0
+    not_converged: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def n_failed(self) -> int:
@@ -440,6 +442,7 @@ def fit_shards(
         n_claimed=run.n_claimed,
         failed_earlier=plan.failed_earlier + run.failed_elsewhere,
         n_waiting=run.n_waiting,
+        not_converged=sorted(run.not_converged, key=run.unit_order),
     )
     _warn_not_converged(summary, settings)
     logger.info(
@@ -1397,6 +1400,7 @@ class _Run:
         self.failed_units: list[tuple[str, str, str]] = []
         self.failed_elsewhere: list[tuple[str, str, str]] = []
         self.n_not_converged = 0
+        self.not_converged: list[tuple[str, str]] = []
         self.n_stopped_early = 0
         self.n_fitted = 0
         self.n_done_elsewhere = 0
@@ -1499,6 +1503,13 @@ class _Run:
                 base.entries[name] = self.index.entries[name]
             base.write(self.out_dir)
 
+    def unit_order(self, unit: tuple[str, str]) -> tuple[bool, int, str, int]:
+        """Return the sort key of a (checkpoint, site): step, name, forward order."""
+        checkpoint, site = unit
+        info = self.states[checkpoint].info
+        order = info.sites.index(site) if site in info.sites else len(info.sites)
+        return (info.step is None, info.step or 0, checkpoint, order)
+
     def _count(self, result: UnitResult) -> None:
         entry = result.entry
         assert entry is not None
@@ -1517,6 +1528,7 @@ class _Run:
             self.n_stopped_early += 1
         elif not entry["solver"]["converged"]:
             self.n_not_converged += 1
+            self.not_converged.append((result.checkpoint, result.site))
 
     def _finish_if_complete(self, state: _Checkpoint, *, write_index: bool) -> None:
         """Write the checkpoint's report once every site has a current entry."""
@@ -1620,12 +1632,21 @@ def _log_unit(result: UnitResult) -> None:
 def _warn_not_converged(summary: FitSummary, settings: FitSettings) -> None:
     if not summary.n_not_converged:
         return
+    probes = _name_probes(summary.not_converged)
     warnings.warn(
-        f"{summary.n_not_converged} of {summary.n_fitted} probes did not converge: "
-        f"they stopped before meeting tol={settings.tol:g}, at "
+        f"{summary.n_not_converged} of {summary.n_fitted} probes did not converge "
+        f"({probes}): they stopped before meeting tol={settings.tol:g}, at "
         f"max_iter={settings.max_iter} or when the solver could not make "
         "progress. Their reports mark them converged: false. Raise "
         "max_iter or tol and re-run to refit them",
         ConvergenceWarning,
         stacklevel=3,
     )
+
+
+def _name_probes(probes: Sequence[tuple[str, str]], max_shown: int = 5) -> str:
+    """Return the first ``max_shown`` probes as ``site at checkpoint`` and a count."""
+    names = [f"{site} at {checkpoint}" for checkpoint, site in probes[:max_shown]]
+    if len(probes) > max_shown:
+        names.append(f"and {len(probes) - max_shown} more")
+    return ", ".join(names)

@@ -489,6 +489,31 @@ def test_not_converged_is_marked_and_warned(tmp_path: Path) -> None:
     assert any("ConvergenceWarning" in note for note in entry["warnings"])
 
 
+def test_not_converged_warning_names_probes(tmp_path: Path) -> None:
+    write_series(tmp_path / "acts", steps=(0, 10, 20))
+
+    with pytest.warns(ConvergenceWarning) as caught:
+        summary = fit(
+            tmp_path / "acts",
+            tmp_path / "out",
+            Cs=[1.0],
+            max_iter=1,
+            warm_start=False,
+        )
+    message = str(caught[0].message)
+
+    assert summary.not_converged == [
+        ("step_0", "input"),
+        ("step_0", "fc"),
+        ("step_10", "input"),
+        ("step_10", "fc"),
+        ("step_20", "input"),
+        ("step_20", "fc"),
+    ]
+    assert "6 of 6 probes did not converge (input at step_0, fc at step_0," in message
+    assert "input at step_20, and 1 more)" in message
+
+
 def test_auto_records_pick_and_reason(tmp_path: Path) -> None:
     write_series(tmp_path / "acts", steps=(0,))
     fit(tmp_path / "acts", tmp_path / "out", solver="auto", Cs=[1.0])
