@@ -4,14 +4,21 @@ Each command module defines a click command and is registered below. Library
 errors (:class:`probecvx.errors.ProbecvxError`) become a one-line message on
 stderr and the error's exit code: 2 for bad usage, 1 for a failed run. An
 interrupt (Ctrl-C, SIGINT) exits 130, the shell convention for a process
-stopped by SIGINT, with a one-line message and no traceback.
+stopped by SIGINT, with a one-line message and no traceback. Python warnings
+are printed as one line, ``Warning: <message>``, without the file and line
+that raised them.
+
+``-v``/``--verbose`` is accepted before the command name and after it, and the
+counts add up: ``probecvx -v fit ... -v`` logs at debug level.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+import warnings
+from collections.abc import Callable
+from typing import Any, TextIO, TypeVar
 
 import click
 
@@ -25,12 +32,45 @@ INTERRUPTED_MESSAGE = (
 )
 
 
+VERBOSE_HELP = "Log more to stderr (-v info, -vv debug)."
+_VERBOSE_KEY = "probecvx.verbose"
+
+_Command = TypeVar("_Command", bound=Callable[..., Any])
+
+
+def show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Print a warning as one line on stderr, without the code that raised it.
+
+    It replaces :func:`warnings.showwarning` while a command runs. The category
+    is shown unless it is a plain UserWarning, because a name such as
+    DeprecationWarning or ConvergenceWarning identifies the kind of problem.
+    """
+    text = " ".join(str(message).split())
+    if category is not UserWarning:
+        text = f"{category.__name__}: {text}"
+    click.echo(f"Warning: {text}", err=True)
+
+
 class _Group(click.Group):
-    """A click group that turns library errors and Ctrl-C into exit codes."""
+    """A click group that turns library errors and Ctrl-C into exit codes.
+
+    While a command runs, warnings are printed by :func:`show_warning`.
+    """
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
+            # catch_warnings restores the previous showwarning afterwards, which
+            # matters when the group is invoked in-process, as in the tests.
+            with warnings.catch_warnings():
+                warnings.showwarning = show_warning
+                return super().invoke(ctx)
         except ProbecvxError as err:
             click.echo(f"Error: {err}", err=True)
             ctx.exit(err.exit_code)
@@ -43,21 +83,43 @@ class _Group(click.Group):
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="probecvx")
-@click.option(
-    "-v", "--verbose", count=True, help="Log more to stderr (-v info, -vv debug)."
-)
-def main(verbose: int) -> None:
+@click.option("-v", "--verbose", count=True, help=VERBOSE_HELP)
+@click.pass_context
+def main(ctx: click.Context, verbose: int) -> None:
     """Fit linear classifier probes to every layer of a model at every checkpoint."""
-    level = logging.WARNING
-    if verbose == 1:
-        level = logging.INFO
-    elif verbose >= 2:
-        level = logging.DEBUG
+    ctx.meta[_VERBOSE_KEY] = verbose
     logging.basicConfig(
-        level=level,
+        level=_log_level(verbose),
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+
+
+def verbose_option(command: _Command) -> _Command:
+    """Add ``-v``/``--verbose`` to a subcommand, counted on top of the group's."""
+    return click.option(
+        "-v",
+        "--verbose",
+        count=True,
+        expose_value=False,
+        callback=_raise_verbosity,
+        help=VERBOSE_HELP,
+    )(command)
+
+
+def _raise_verbosity(ctx: click.Context, param: click.Parameter, count: int) -> None:
+    if count:
+        total = ctx.meta.get(_VERBOSE_KEY, 0) + count
+        ctx.meta[_VERBOSE_KEY] = total
+        logging.getLogger().setLevel(_log_level(total))
+
+
+def _log_level(verbose: int) -> int:
+    if verbose >= 2:
+        return logging.DEBUG
+    if verbose == 1:
+        return logging.INFO
+    return logging.WARNING
 
 
 # Command registrations, one line per command module.

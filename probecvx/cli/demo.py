@@ -7,10 +7,11 @@ from pathlib import Path
 import click
 
 from probecvx import demo
-from probecvx.cli import main
+from probecvx.cli import main, verbose_option
 
 
 @main.command("demo")
+@verbose_option
 @click.option(
     "--out",
     "out_dir",

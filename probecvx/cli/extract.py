@@ -8,7 +8,7 @@ import click
 
 from probecvx.checkpoints import resolve_model_factory
 from probecvx.claims import DEFAULT_CLAIM_TIMEOUT
-from probecvx.cli import main
+from probecvx.cli import main, verbose_option
 from probecvx.cluster import HDF5_LOCKING_MODES, resolve_shard
 from probecvx.datasets import load_dataset, parse_split
 from probecvx.errors import ProbecvxError
@@ -25,6 +25,7 @@ def split_site_requests(values: tuple[str, ...]) -> list[str] | None:
 
 
 @main.command("extract")
+@verbose_option
 @click.argument("checkpoint_dir", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--data",

@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from probecvx.claims import DEFAULT_CLAIM_TIMEOUT
-from probecvx.cli import main
+from probecvx.cli import main, verbose_option
 from probecvx.cluster import (
     BACKENDS,
     HDF5_LOCKING_MODES,
@@ -108,6 +108,7 @@ def _split_names(values: tuple[str, ...]) -> list[str] | None:
 
 
 @main.command("fit")
+@verbose_option
 @click.argument("acts_dir", type=click.Path(path_type=Path))
 @click.option(
     "--out",
@@ -296,13 +297,11 @@ def fit_command(
                 hdf5_locking=hdf5_locking,
                 claim_timeout=claim_timeout,
             )
+    # Shown after the progress bar has closed, in the group's one-line form.
     for warning in caught:
-        if issubclass(warning.category, ConvergenceWarning):
-            click.echo(f"Warning: {warning.message}", err=True)
-        else:
-            warnings.showwarning(
-                warning.message, warning.category, warning.filename, warning.lineno
-            )
+        warnings.showwarning(
+            warning.message, warning.category, warning.filename, warning.lineno
+        )
 
     for path in summary.reports_written:
         click.echo(str(path))

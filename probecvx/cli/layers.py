@@ -15,7 +15,7 @@ from probecvx.checkpoints import (
     make_checkpoint_ref,
     resolve_model_factory,
 )
-from probecvx.cli import main
+from probecvx.cli import main, verbose_option
 from probecvx.datasets import load_dataset
 from probecvx.errors import InvalidInputError
 from probecvx.extract import DRY_BATCH_ROWS
@@ -25,6 +25,7 @@ HEADER = ("site", "type", "output shape", "features", "bytes/sample", "calls")
 
 
 @main.command("layers")
+@verbose_option
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--model",

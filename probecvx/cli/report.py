@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 
 from probecvx import plots
-from probecvx.cli import main
+from probecvx.cli import main, verbose_option
 from probecvx.errors import ReportError
 from probecvx.reports import INDEX_NAME, load_table, read_index
 
@@ -24,6 +24,7 @@ def _split_sites(value: str | None) -> list[str] | None:
 
 
 @main.command("report")
+@verbose_option
 @click.argument("reports_dir", type=click.Path(path_type=Path))
 @click.option(
     "--out",

@@ -8,13 +8,14 @@ from pathlib import Path
 import click
 
 from probecvx.claims import DEFAULT_CLAIM_TIMEOUT
-from probecvx.cli import main
+from probecvx.cli import main, verbose_option
 from probecvx.status import STATES, folder_status
 
 COLUMNS = ("checkpoint", "site", "state", "by", "detail")
 
 
 @main.command("status")
+@verbose_option
 @click.argument("folder", type=click.Path(file_okay=False, path_type=Path))
 @click.option(
     "--json", "as_json", is_flag=True, help="Print one JSON object instead of a table."
