@@ -18,6 +18,7 @@ import functools
 import json
 import logging
 import math
+import warnings
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from importlib import metadata, resources
@@ -190,9 +191,15 @@ def load_table(reports_dir: Path) -> list[dict[str, Any]]:
     Raises
     ------
     InvalidInputError
-        When the folder does not exist or holds no report.
-    ReportError
-        When a report cannot be read; the message names the file.
+        When the folder does not exist or contains no readable report.
+
+    Warns
+    -----
+    UserWarning
+        For each ``.json`` file that is skipped: one that is not a probecvx
+        report (another program's file, such as ``config.json``), or a
+        report that cannot be read. The message names the file, and for a
+        report, how to rewrite it.
     """
     paths = list_reports(reports_dir)
     if not paths:
@@ -200,11 +207,77 @@ def load_table(reports_dir: Path) -> list[dict[str, Any]]:
             f"reports folder {reports_dir} contains no report; run "
             f"`probecvx fit ACTS_DIR --out {reports_dir}` first"
         )
+    listed = _report_names_in_index(Path(reports_dir))
     records = []
+    skipped = []
     for path in paths:
-        records.extend(table_records(read_report(path)))
+        try:
+            report = read_report(path)
+        except ReportError as err:
+            warnings.warn(_skip_message(path, err, listed), UserWarning, stacklevel=2)
+            skipped.append(path.name)
+            continue
+        records.extend(table_records(report))
+    if len(skipped) == len(paths):
+        raise InvalidInputError(
+            f"reports folder {reports_dir} contains no readable report: all "
+            f"{len(paths)} .json files were skipped ({', '.join(skipped)}); run "
+            f"`probecvx fit ACTS_DIR --out {reports_dir}` to write the reports"
+        )
     records.sort(key=_table_sort_key)
     return records
+
+
+def _report_names_in_index(reports_dir: Path) -> set[str] | None:
+    """Return the report file names that ``index.json`` lists; None without one."""
+    index_path = reports_dir / INDEX_NAME
+    if not index_path.is_file():
+        return None
+    try:
+        index = read_index(index_path)
+    except ReportError:
+        return None
+    return {entry["report"] for entry in index["checkpoints"] if entry["report"]}
+
+
+def _skip_message(path: Path, err: ReportError, listed: set[str] | None) -> str:
+    """Return the warning for a ``.json`` file that load_table skips.
+
+    A file is taken for a report when its ``format`` is the report format, or
+    when ``index.json`` lists it. Without a readable index, a file that is not
+    valid JSON is taken for a report too. Any other file belongs to something
+    else and is only named.
+    """
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        doc = None
+    is_report_format = isinstance(doc, Mapping) and doc.get("format") == REPORT_FORMAT
+    if listed is not None:
+        is_report = path.name in listed or is_report_format
+    else:
+        is_report = doc is None or is_report_format
+    if not is_report:
+        if isinstance(doc, Mapping):
+            reason = f"its format is {doc.get('format')!r}, not {REPORT_FORMAT!r}"
+        elif doc is None:
+            reason = f"it is not valid JSON and {INDEX_NAME} does not list it"
+        else:
+            reason = f"it contains a JSON {type(doc).__name__}, not an object"
+        return (
+            f"skipped {path}: it is not a probecvx report ({reason}); move it out "
+            "of the reports folder to silence this warning"
+        )
+    # The reader's advice ("delete it", "--force") is replaced by one fix that
+    # works for every corrupt report: fit rewrites a report it cannot read.
+    problem, separator, advice = str(err).rpartition("; ")
+    if not (separator and "probecvx fit" in advice):
+        problem = str(err)
+    return (
+        f"skipped {path}, so its checkpoint is left out of the table: {problem}. "
+        f"Re-run `probecvx fit ACTS_DIR --out {path.parent}` with the same options "
+        "to regenerate it"
+    )
 
 
 def load_dataframe(reports_dir: Path) -> pandas.DataFrame:

@@ -132,3 +132,25 @@ def test_report_names_failed_checkpoint(reports_dir: Path, tmp_path: Path) -> No
     assert "step_000009 has no report" in stderr
     assert "cannot read shard" in stderr
     assert stdout == plots.render_table(load_table(reports_dir))
+
+
+# pyproject.toml turns warnings into errors, so let them through as a user sees them.
+@pytest.mark.filterwarnings("default::UserWarning")
+def test_report_skips_stray_and_corrupt_files(
+    reports_dir: Path, tmp_path: Path
+) -> None:
+    copy = tmp_path / "reports"
+    shutil.copytree(reports_dir, copy)
+    last_report = sorted(copy.glob("step_*.json"))[-1]
+    (copy / "config.json").write_text("{}")
+    last_report.write_text("{")
+
+    code, stdout, stderr = invoke("report", str(copy), "--no-figures")
+    warnings = [line for line in stderr.splitlines() if line.startswith("Warning:")]
+
+    assert code == 0
+    assert stdout.splitlines()[1].split() == ["site", "0"]
+    assert len(warnings) == 2
+    assert f"skipped {copy / 'config.json'}: it is not a probecvx report" in stderr
+    assert f"skipped {last_report}, so its checkpoint is left out" in stderr
+    assert ".py:" not in stderr

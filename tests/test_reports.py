@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -197,6 +198,84 @@ def test_load_table_errors(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
     with pytest.raises(InvalidInputError, match=r"contains no report.*probecvx fit"):
         load_table(tmp_path / "empty")
+
+
+def copy_reports(reports_dir: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "reports"
+    shutil.copytree(reports_dir, copy)
+    return copy
+
+
+def test_load_table_skips_other_json(reports_dir: Path, tmp_path: Path) -> None:
+    copy = copy_reports(reports_dir, tmp_path)
+    (copy / "config.json").write_text('{"lr": 0.1}')
+    (copy / "list.json").write_text("[1, 2]")
+    (copy / "notes.json").write_text("not json")
+
+    with pytest.warns(UserWarning) as caught:
+        table = load_table(copy)
+    messages = sorted(str(warning.message) for warning in caught)
+
+    assert table == load_table(reports_dir)
+    assert len(messages) == 3
+    assert "config.json: it is not a probecvx report" in messages[0]
+    assert "its format is None, not 'probecvx-report'" in messages[0]
+    assert "list.json: it is not a probecvx report" in messages[1]
+    assert "a JSON list, not an object" in messages[1]
+    assert "notes.json: it is not a probecvx report" in messages[2]
+    assert f"not valid JSON and {INDEX_NAME} does not list it" in messages[2]
+
+
+def test_load_table_skips_corrupt_report(reports_dir: Path, tmp_path: Path) -> None:
+    copy = copy_reports(reports_dir, tmp_path)
+    (copy / "step_10.json").write_text('{"format": "probecvx-rep')
+
+    with pytest.warns(UserWarning) as caught:
+        table = load_table(copy)
+    message = str(caught[0].message)
+
+    assert len(caught) == 1
+    assert {record["checkpoint"] for record in table} == {"step_0", "step_20"}
+    assert f"skipped {copy / 'step_10.json'}" in message
+    assert "left out of the table" in message
+    assert "is not valid JSON" in message
+    assert f"Re-run `probecvx fit ACTS_DIR --out {copy}`" in message
+    assert "delete it" not in message
+
+
+def test_load_table_corrupt_without_index(reports_dir: Path, tmp_path: Path) -> None:
+    copy = copy_reports(reports_dir, tmp_path)
+    (copy / INDEX_NAME).unlink()
+    broken = json.loads((copy / "step_0.json").read_text())
+    broken["schema_version"] = 2
+    (copy / "step_0.json").write_text(json.dumps(broken))
+    (copy / "step_10.json").write_text("{")
+
+    with pytest.warns(UserWarning) as caught:
+        table = load_table(copy)
+    messages = sorted(str(warning.message) for warning in caught)
+
+    assert {record["checkpoint"] for record in table} == {"step_20"}
+    assert len(messages) == 2
+    assert "step_0.json, so its checkpoint is left out" in messages[0]
+    assert "schema_version 2" in messages[0]
+    assert "step_10.json, so its checkpoint is left out" in messages[1]
+    assert all("Re-run `probecvx fit" in message for message in messages)
+
+
+def test_load_table_fails_when_all_skipped(tmp_path: Path) -> None:
+    (tmp_path / "config.json").write_text("{}")
+    (tmp_path / "step_1.json").write_text("{")
+
+    with (
+        pytest.warns(UserWarning),
+        pytest.raises(
+            InvalidInputError,
+            match=r"no readable report: all 2 \.json files were skipped "
+            r"\(config\.json, step_1\.json\); run `probecvx fit",
+        ),
+    ):
+        load_table(tmp_path)
 
 
 def test_load_dataframe_without_pandas(
