@@ -63,6 +63,8 @@ SPLIT_NAMES = {code: name for name, code in SPLIT_CODES.items()}
 BUILTIN_DATASETS = ("toy", "digits")
 TOY_DIMENSION = 128
 TOY_DEFAULT_SAMPLES = 2000
+# Fewer val or test rows than this draw a warning from small_split_warning.
+MIN_EVAL_ROWS = 10
 
 ACCEPTED_SPECS = (
     "'toy', 'digits', a .npz file, a .h5/.hdf5 file, a folder of MNIST IDX files, "
@@ -273,6 +275,33 @@ def load_dataset(
     return dataset
 
 
+def small_split_warning(dataset: ProbeDataset) -> str | None:
+    """Return a warning when the val or test split is too small to measure on.
+
+    A split is too small when it has rows but fewer than
+    :data:`MIN_EVAL_ROWS`, or fewer rows than the dataset has classes. Its
+    error rate then moves in steps of one row, such as 0% or 50% on 2 rows.
+    An empty split is not reported here, because the reports of ``fit`` warn
+    of it. Returns None when neither split is too small.
+    """
+    counts = np.bincount(dataset.split, minlength=len(SPLIT_CODES))
+    small = []
+    for split_name in ("val", "test"):
+        n_rows = int(counts[SPLIT_CODES[split_name]])
+        if 0 < n_rows < max(MIN_EVAL_ROWS, dataset.n_classes):
+            small.append(f"{n_rows} {split_name} rows")
+    if not small:
+        return None
+    sizes = "/".join(str(int(count)) for count in counts)
+    return (
+        f"dataset {dataset.name!r} has only {' and '.join(small)} (train/val/test "
+        f"{sizes} rows, {dataset.n_classes} classes). Error rates measured on "
+        f"fewer than {MIN_EVAL_ROWS} rows, or on fewer rows than classes, are "
+        "unreliable. Use more data, or give val and test larger fractions with "
+        "--split, such as --split 0.5,0.25,0.25"
+    )
+
+
 def stratified_split(
     labels: np.ndarray, fractions: tuple[float, float, float], seed: int
 ) -> np.ndarray:
@@ -434,6 +463,7 @@ class _Source:
     split: np.ndarray | None = None
     class_names: list[str] | None = None  # set when labels are already codes
     inputs_hasher: Any = None  # sha256 of streamed Dataset inputs, else None
+    labels_source: str = "y"  # where the labels were read, for error messages
 
 
 def _read_source(
@@ -527,6 +557,7 @@ def _read_npz(path: Path, keys: Mapping[str, str | None]) -> _Source:
         inputs=arrays["x"],
         labels=arrays["y"],
         split=arrays.get("split"),
+        labels_source=f"array {chosen['y']!r}",
     )
 
 
@@ -549,6 +580,7 @@ def _read_hdf5(path: Path, keys: Mapping[str, str | None]) -> _Source:
         inputs=arrays["x"],
         labels=arrays["y"],
         split=arrays.get("split"),
+        labels_source=f"dataset {chosen['y']!r}",
     )
 
 
@@ -715,7 +747,11 @@ def _read_callable(spec: str, keys: Mapping[str, str | None]) -> _Source:
         chosen = _choose_keys(f"the dict returned by {spec}", names, keys)
         arrays = {role: result[name] for role, name in chosen.items()}
         return _Source(
-            name=spec, inputs=arrays["x"], labels=arrays["y"], split=arrays.get("split")
+            name=spec,
+            inputs=arrays["x"],
+            labels=arrays["y"],
+            split=arrays.get("split"),
+            labels_source=f"key {chosen['y']!r}",
         )
     _reject_keys(spec, keys)
     if isinstance(result, tuple) and len(result) in (2, 3):
@@ -724,6 +760,7 @@ def _read_callable(spec: str, keys: Mapping[str, str | None]) -> _Source:
             inputs=result[0],
             labels=result[1],
             split=result[2] if len(result) == 3 else None,
+            labels_source="y, the second item of the returned tuple",
         )
     raise DatasetError(
         f"dataset callable {spec!r} returned {type(result).__name__}; return "
@@ -808,7 +845,11 @@ def _read_torch_dataset(spec: str, dataset: Dataset[Any]) -> _Source:
         hasher.update(values.astype("<f4").tobytes())
         labels.append(_python_scalar(item[1], index, spec))
     return _Source(
-        name=spec, inputs=dataset, labels=np.asarray(labels), inputs_hasher=hasher
+        name=spec,
+        inputs=dataset,
+        labels=np.asarray(labels),
+        inputs_hasher=hasher,
+        labels_source="y, the second item of each Dataset item",
     )
 
 
@@ -882,7 +923,9 @@ def _build_dataset(
     if source.class_names is not None:
         labels, class_names = raw_labels.astype(np.int64), source.class_names
     else:
-        labels, class_names = _encode_labels(raw_labels, source.name)
+        labels, class_names = _encode_labels(
+            raw_labels, source.name, source.labels_source
+        )
     if np.unique(labels).size < 2:
         raise DatasetError(
             f"dataset {source.name!r} has only one class "
@@ -969,14 +1012,33 @@ def _check_finite(array: np.ndarray, name: str) -> None:
             )
 
 
-def _encode_labels(values: np.ndarray, name: str) -> tuple[np.ndarray, list[str]]:
-    """Encode labels to codes ``0..K-1`` in sorted order of the values."""
+def _encode_labels(
+    values: np.ndarray, name: str, labels_source: str = "y"
+) -> tuple[np.ndarray, list[str]]:
+    """Encode labels to codes ``0..K-1`` in sorted order of the values.
+
+    Float labels must be whole numbers, such as class ids saved as 1.0.
+    Values with a fractional part are rejected as a continuous target, which
+    would give almost one class per row.
+    """
     if values.dtype.kind == "S":
         values = np.char.decode(values, "utf-8")
     if values.dtype.kind == "f" and not np.isfinite(values).all():
         raise DatasetError(
             f"dataset {name!r}: y has NaN or infinite labels; drop those samples"
         )
+    if values.dtype.kind == "f":
+        fractional = np.flatnonzero(values != np.round(values))
+        if fractional.size:
+            row = int(fractional[0])
+            raise DatasetError(
+                f"dataset {name!r}: the labels ({labels_source}) are floats with "
+                f"a fractional part in {fractional.size} of {values.size} rows "
+                f"(first: {values[row].item()!r} in row {row}), which looks like a "
+                "continuous target. Labels must be integer class ids or strings; "
+                "bin a continuous target into classes first, for example with "
+                "numpy.digitize"
+            )
     if values.dtype.kind not in "biufUO":
         raise DatasetError(
             f"dataset {name!r}: y has dtype {values.dtype}; give integer, "

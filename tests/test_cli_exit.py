@@ -89,6 +89,10 @@ BAD_DATASETS: dict[str, tuple[Callable[[Path], Path], str]] = {
         lambda folder: save_npz(folder / "d.npz", x=X, y=np.zeros(12)),
         "has only one class",
     ),
+    "continuous labels": (
+        lambda folder: save_npz(folder / "d.npz", x=X, y=Y + 0.5),
+        "must be integer class ids or strings",
+    ),
     "split values": (
         lambda folder: save_npz(folder / "d.npz", x=X, y=Y, split=np.full(12, 7)),
         "split has unknown values",

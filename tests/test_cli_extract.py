@@ -18,7 +18,13 @@ from probecvx.atomic import TEMP_PREFIX
 from probecvx.cli import main
 from probecvx.datasets import load_dataset
 from probecvx.shards import list_shards, read_shard_info, read_site
-from tests.tinymodels import TINY_MODEL_SPEC, LogNet, TinyConvNet, reference_forward
+from tests.tinymodels import (
+    TINY_MODEL_SPEC,
+    LogNet,
+    TinyConvNet,
+    dyadic_inputs,
+    reference_forward,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -164,11 +170,28 @@ def test_extract_writes_then_skips(
     assert stdout_lines(second) == [
         f"{out / name}.h5\tskipped" for name in ["step_10", "step_20", "step_30"]
     ]
-    assert second.stderr == ""
+    # The 37 rows of the tiny data leave 8 val and 7 test rows: only that warning.
+    other_stderr = [
+        line for line in second.stderr.splitlines() if "are unreliable" not in line
+    ]
+    assert other_stderr == []
 
     forced = invoke(*args, "--quiet", "--force")
     assert forced.exit_code == 0, forced.output
     assert [line.split("\t")[1] for line in stdout_lines(forced)] == ["written"] * 3
+
+
+def test_extract_warns_of_small_split(checkpoint_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "seven.npz"
+    np.savez(data, x=dyadic_inputs(7, seed=1), y=np.arange(7) % 2)
+
+    result = invoke(*extract_args(checkpoint_dir, data, tmp_path / "acts", "--quiet"))
+
+    assert result.exit_code == 0, result.output
+    assert result.stderr.startswith(
+        "Warning: dataset 'seven.npz' has only 2 val rows and 2 test rows"
+    )
+    assert "--split" in result.stderr
 
 
 def test_extract_options_reach_shards(

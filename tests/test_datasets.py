@@ -18,6 +18,7 @@ from probecvx.datasets import (
     load_dataset,
     parse_split,
     read_idx,
+    small_split_warning,
     stratified_split,
 )
 from probecvx.errors import DatasetError, InvalidInputError
@@ -524,7 +525,102 @@ def test_label_encoding(
     np.testing.assert_array_equal(dataset.labels, codes)
 
 
+@pytest.mark.parametrize(
+    ("y_key", "source"), [("y", "array 'y'"), ("target", "array 'target'")]
+)
+def test_continuous_labels_rejected(tmp_path: Path, y_key: str, source: str) -> None:
+    labels = np.random.default_rng(0).normal(size=600)
+    path = write_npz(tmp_path / "reg.npz", x=np.zeros((600, 2)), **{y_key: labels})
+
+    with pytest.raises(DatasetError) as caught:
+        load_dataset(str(path), y_key=y_key)
+    message = str(caught.value)
+
+    assert isinstance(caught.value, InvalidInputError)
+    assert f"dataset 'reg.npz': the labels ({source}) are floats" in message
+    assert "in 600 of 600 rows" in message
+    assert f"(first: {float(labels[0])!r} in row 0)" in message
+    assert "must be integer class ids or strings" in message
+
+
+def test_continuous_labels_from_callable(tmp_path: Path) -> None:
+    module = tmp_path / "regression_data.py"
+    module.write_text(
+        "import numpy as np\n"
+        "def load():\n"
+        "    return np.zeros((4, 2)), np.array([0.0, 1.0, 0.5, 1.0])\n"
+    )
+
+    with pytest.raises(
+        DatasetError,
+        match=r"the labels \(y, the second item of the returned tuple\) are "
+        r"floats with a fractional part in 1 of 4 rows \(first: 0\.5 in row 2\)",
+    ):
+        load_dataset(f"{module}:load")
+
+
+def test_whole_float_labels_accepted(tmp_path: Path) -> None:
+    labels = np.array([2.0, 0.0, 1.0, 2.0, 0.0, 1.0])
+    path = write_npz(tmp_path / "ids.npz", x=np.zeros((6, 2)), y=labels)
+
+    dataset = load_dataset(str(path), split=(1.0, 0.0, 0.0))
+
+    assert dataset.class_names == ["0.0", "1.0", "2.0"]
+    np.testing.assert_array_equal(dataset.labels, [2, 0, 1, 2, 0, 1])
+
+
 # --- split --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "n_classes", "split", "small"),
+    [
+        (7, 2, (0.6, 0.2, 0.2), "2 val rows and 2 test rows (train/val/test 3/2/2"),
+        (60, 2, (0.8, 0.1, 0.1), "6 val rows and 6 test rows (train/val/test 48/6/6"),
+    ],
+)
+def test_small_split_warning(
+    tmp_path: Path,
+    n_rows: int,
+    n_classes: int,
+    split: tuple[float, float, float],
+    small: str,
+) -> None:
+    x, y = make_arrays(n=n_rows, n_classes=n_classes)
+    path = write_npz(tmp_path / "small.npz", x=x, y=y)
+
+    warning = small_split_warning(load_dataset(str(path), split=split))
+
+    assert warning is not None
+    assert warning.startswith(f"dataset 'small.npz' has only {small}")
+    assert "unreliable" in warning
+    assert "--split" in warning
+
+
+def test_small_split_fewer_rows_than_classes(tmp_path: Path) -> None:
+    x, y = make_arrays(n=200, n_classes=20)
+    split = np.repeat(["train", "val", "test"], [150, 35, 15])
+    path = write_npz(tmp_path / "own.npz", x=x, y=y, split=split)
+
+    warning = small_split_warning(load_dataset(str(path)))
+
+    assert warning is not None
+    assert warning.startswith(
+        "dataset 'own.npz' has only 15 test rows (train/val/test 150/35/15 rows, "
+        "20 classes)"
+    )
+
+
+@pytest.mark.parametrize(
+    ("n_rows", "split"), [(50, (0.6, 0.2, 0.2)), (20, (1.0, 0.0, 0.0))]
+)
+def test_no_small_split_warning(
+    tmp_path: Path, n_rows: int, split: tuple[float, float, float]
+) -> None:
+    x, y = make_arrays(n=n_rows, n_classes=2)
+    path = write_npz(tmp_path / "data.npz", x=x, y=y)
+
+    assert small_split_warning(load_dataset(str(path), split=split)) is None
 
 
 def test_stratified_split_is_deterministic() -> None:

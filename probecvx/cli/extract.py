@@ -10,7 +10,7 @@ from probecvx.checkpoints import resolve_model_factory
 from probecvx.claims import DEFAULT_CLAIM_TIMEOUT
 from probecvx.cli import main, verbose_option
 from probecvx.cluster import HDF5_LOCKING_MODES, resolve_shard
-from probecvx.datasets import load_dataset, parse_split
+from probecvx.datasets import load_dataset, parse_split, small_split_warning
 from probecvx.errors import ProbecvxError
 from probecvx.extract import ExtractSummary, ShardRecord, extract_checkpoints
 from probecvx.shards import STORAGE_DTYPES
@@ -206,6 +206,9 @@ def extract_command(
         split_key=split_key,
         limit=limit,
     )
+    split_warning = small_split_warning(dataset)
+    if split_warning is not None:
+        click.echo(f"Warning: {split_warning}", err=True)
 
     summary = extract_checkpoints(
         checkpoint_dir,
