@@ -129,8 +129,9 @@ def folder_status(
     Raises
     ------
     InvalidInputError
-        When ``folder`` is missing, or is a reports folder without the plan
-        that ``probecvx fit`` writes.
+        When ``folder`` is missing, is a reports folder without the plan
+        that ``probecvx fit`` writes, or contains no file of either command
+        and ``checkpoint_dir`` is not given.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -172,6 +173,16 @@ def _activations_status(
         if name not in names:
             names.append(name)
 
+    temp_notes = _temp_notes(folder)
+    if not (status.units or names or temp_notes) and checkpoint_dir is None:
+        raise InvalidInputError(
+            f"{folder} is not an extract or fit output folder: it contains no "
+            f"shards (*{SHARD_SUFFIX}), no hidden extract failure or claim files, "
+            f"and no {reports.INDEX_NAME} or {UNITS_DIR}/ of a fit. Pass the --out "
+            "folder of `probecvx extract` or `probecvx fit`, or add --checkpoints "
+            "CKPT_DIR to list the checkpoints still to extract into this folder"
+        )
+
     hashes: dict[str, str] = {}
     if checkpoint_dir is not None:
         for ref in discover_checkpoints(Path(checkpoint_dir), pattern):
@@ -183,7 +194,7 @@ def _activations_status(
         final = folder / f"{name}{SHARD_SUFFIX}"
         unit = _shard_unit(name, shards.get(name), hashes.get(name), final)
         status.units.append(_with_claim(unit, claim_path_of(final), claim_timeout))
-    status.notes.extend(_temp_notes(folder))
+    status.notes.extend(temp_notes)
     if checkpoint_dir is None:
         status.notes.append(
             "pass --checkpoints CKPT_DIR to list pending checkpoints and find "
