@@ -20,12 +20,15 @@ it with the hidden file ``.<checkpoint name>.h5.claim`` (see
 :mod:`probecvx.claims`), so two jobs that overlap by mistake do not extract
 the same checkpoint twice. With ``keep_going``, a checkpoint that fails is
 recorded in ``.<checkpoint name>.h5.failed.json`` and the others are still
-extracted; later runs skip it until ``retry_failed``.
+extracted. Later runs skip it until ``retry_failed``, unless they load or run
+it differently: another model, ``trust``, batch size or device (see
+:func:`_attempt_settings`), because any of those can make it succeed.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -50,6 +53,7 @@ from probecvx.atomic import (
 )
 from probecvx.checkpoints import (
     CheckpointRef,
+    ModelFactory,
     checkpoint_sha256,
     discover_checkpoints,
     load_model,
@@ -301,6 +305,7 @@ def extract_checkpoints(
             force=force,
             keep_going=keep_going,
             retry_failed=retry_failed,
+            attempt=_attempt_settings(model_factory, trust, batch_size, torch_device),
         )
         return _extract_all(
             refs,
@@ -470,6 +475,8 @@ class _Job:
     force: bool
     keep_going: bool
     retry_failed: bool
+    # The load and run settings of this run, stored in failure records.
+    attempt: dict[str, Any]
 
 
 class _BatchCounter:
@@ -596,7 +603,7 @@ def _extract_or_skip(
         except (CheckpointError, ExtractionError) as err:
             if not job.keep_going:
                 raise
-            _write_failure(final, shard_id, str(err), job.owner)
+            _write_failure(final, shard_id, str(err), job)
             logger.error("checkpoint %s failed, going on: %s", ref.name, err)
             return outcome("failed", error=str(err))
     with contextlib.suppress(FileNotFoundError):
@@ -612,23 +619,78 @@ def _earlier_failure(final: Path, shard_id: str, job: _Job) -> str | None:
     if job.retry_failed:
         logger.info("retrying %s, which failed in an earlier run", final)
         return None
+    earlier_attempt = failure.get("attempt")
+    if earlier_attempt != job.attempt:
+        # Records written before attempts were stored have none; retry those too.
+        changed = sorted(
+            key
+            for key in job.attempt
+            if not isinstance(earlier_attempt, dict)
+            or earlier_attempt.get(key) != job.attempt[key]
+        )
+        logger.info(
+            "retrying %s, which failed in an earlier run with other settings (%s)",
+            final,
+            ", ".join(changed) or "not recorded",
+        )
+        return None
     error = str(failure.get("error"))
     logger.warning(
-        "skipping %s: it failed in an earlier run (%s); pass --retry-failed to "
-        "extract it again",
+        "skipping %s: it failed in an earlier run with the same settings (%s); "
+        "pass --retry-failed to extract it again",
         final,
         error,
     )
     return f"failed in an earlier run: {error}"
 
 
-def _write_failure(final: Path, shard_id: str, error: str, owner: Owner) -> None:
+def _attempt_settings(
+    model_factory: Callable[[], nn.Module] | None,
+    trust: bool,
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, Any]:
+    """Return the settings that decide whether a checkpoint loads and runs.
+
+    They are not part of the shard id, because they do not change the stored
+    activations. But a checkpoint that failed with some of them may succeed
+    with others, such as ``trust`` for a pickled module, another model, or a
+    smaller batch size after running out of memory.
+    """
+    return {
+        "model": _describe_factory(model_factory),
+        "trust_checkpoints": bool(trust),
+        "batch_size": int(batch_size),
+        "device": str(device),
+    }
+
+
+def _describe_factory(factory: object) -> str | None:
+    """Return a text that names a model factory the same way in every process."""
+    if factory is None:
+        return None
+    if isinstance(factory, ModelFactory):
+        return f"{factory.spec} {factory.kwargs_json or ''}".strip()
+    if isinstance(factory, functools.partial):
+        keywords = ", ".join(
+            f"{key}={value!r}" for key, value in sorted(factory.keywords.items())
+        )
+        return f"{_describe_factory(factory.func)}(*{factory.args!r}, {keywords})"
+    # Classes and functions by name, because a function's repr contains its
+    # memory address.
+    module = getattr(factory, "__module__", type(factory).__module__)
+    name = getattr(factory, "__qualname__", type(factory).__qualname__)
+    return f"{module}:{name}"
+
+
+def _write_failure(final: Path, shard_id: str, error: str, job: _Job) -> None:
     doc = {
         "format": FAILURE_FORMAT,
         "checkpoint": final.stem,
         "shard_id": shard_id,
+        "attempt": job.attempt,
         "error": error,
-        "provenance": {**owner.here().record(), "time": utc_now()},
+        "provenance": {**job.owner.here().record(), "time": utc_now()},
     }
     write_text_atomic(failure_path_of(final), json.dumps(doc, indent=1) + "\n")
 

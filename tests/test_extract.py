@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import os
 import stat
@@ -24,6 +25,7 @@ from probecvx.datasets import ProbeDataset, load_dataset
 from probecvx.errors import ExtractionError, InvalidInputError, SiteError
 from probecvx.extract import (
     FLOAT16_MAX,
+    _describe_factory,
     extract_checkpoints,
     resolve_device,
     shard_id_for,
@@ -437,6 +439,50 @@ def test_keep_going_records_failure(tmp_path: Path, dataset) -> None:
     ]
 
 
+def test_failed_retried_when_trusted(tmp_path: Path, dataset, factory) -> None:
+    folder = tmp_path / "ckpt"
+    folder.mkdir()
+    torch.save(set_dyadic_weights(TinyConvNet(), seed=3), folder / "step_5.pt")
+    out = tmp_path / "acts"
+
+    first = run(folder, dataset, out, factory, keep_going=True)
+    failure = json.loads((out / ".step_5.h5.failed.json").read_text())
+    same = run(folder, dataset, out, factory, keep_going=True)
+    trusted = run(folder, dataset, out, factory, keep_going=True, trust=True)
+
+    assert [r.status for r in first.records] == ["failed"]
+    assert "--trust-checkpoints" in (first.failed[0].error or "")
+    assert failure["attempt"] == {
+        "model": TINY_MODEL_SPEC,
+        "trust_checkpoints": False,
+        "batch_size": 256,
+        "device": "cpu",
+    }
+    assert [r.status for r in same.records] == ["failed"]
+    assert (same.failed[0].error or "").startswith("failed in an earlier run: ")
+    assert [r.status for r in trusted.records] == ["written"]
+    assert not (out / ".step_5.h5.failed.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("model_factory", "expected"),
+    [
+        (None, None),
+        (TinyConvNet, "tests.tinymodels:TinyConvNet"),
+        (
+            functools.partial(TinyConvNet, channels=2),
+            "tests.tinymodels:TinyConvNet(*(), channels=2)",
+        ),
+        (
+            resolve_model_factory(TINY_MODEL_SPEC, '{"channels": 2}'),
+            'tests.tinymodels:TinyConvNet {"channels": 2}',
+        ),
+    ],
+)
+def test_describe_factory_without_address(model_factory, expected) -> None:
+    assert _describe_factory(model_factory) == expected
+
+
 def test_cli_keep_going_exits_1(tmp_path: Path, tiny_data_file: Path) -> None:
     folder = tmp_path / "ckpt"
     folder.mkdir()
@@ -452,7 +498,9 @@ def test_cli_keep_going_exits_1(tmp_path: Path, tiny_data_file: Path) -> None:
 
     assert result.exit_code == 1
     assert result.stdout == f"{out / 'step_7.h5'}\tfailed\n"
-    assert result.stderr.startswith("Error: 1 of 1 checkpoints failed; the others")
+    assert result.stderr.splitlines()[-1].startswith(
+        "Error: 1 of 1 checkpoints failed; the others"
+    )
     assert "--retry-failed" in result.stderr
     assert "probe site log has" in result.stderr
 

@@ -244,6 +244,8 @@ def _failure_line(summary: ExtractSummary) -> str:
     first = summary.failed[0]
     return (
         f"{len(summary.failed)} of {len(summary.records)} checkpoints failed; the "
-        f"others were extracted. Re-run with --retry-failed after fixing them "
+        "others were extracted. Fix the cause and re-run: a run with another "
+        "--model, --trust-checkpoints, --batch-size or --device retries them, and "
+        f"--retry-failed retries them with the same options "
         f"(first: {first.checkpoint}: {first.error})"
     )
