@@ -566,9 +566,13 @@ def _parse_model_kwargs(kwargs_json: str | None) -> dict[str, Any]:
     return kwargs
 
 
+def _is_file_spec(module_name: str) -> bool:
+    """Return whether the part of ``--model`` before ':' is a file path."""
+    return module_name.endswith(".py") or "/" in module_name or "\\" in module_name
+
+
 def _import_model_module(module_name: str, spec: str) -> ModuleType:
-    is_file = module_name.endswith(".py") or "/" in module_name or "\\" in module_name
-    if is_file:
+    if _is_file_spec(module_name):
         return _import_source_file(Path(module_name).expanduser(), spec)
     try:
         return importlib.import_module(module_name)
@@ -619,10 +623,20 @@ def _resolve_attribute(
         try:
             target = getattr(target, part)
         except AttributeError as err:
+            # Name the module as the user wrote it, because a source file is imported
+            # under an internal name such as _probecvx_model_nets_<hash>.
+            source = spec.rpartition(":")[0]
+            kind = "file" if _is_file_spec(source) else "module"
+            callables = _list_callables(module)
+            fix = f"name one of the callables defined there after ':': {callables}"
+            if not callables:
+                fix = (
+                    "it defines no public class or function, so define the model "
+                    f"there or point {MODEL_FLAG} at the file that defines it"
+                )
             raise InvalidInputError(
-                f"{MODEL_FLAG} {spec!r}: module {module.__name__!r} has no attribute "
-                f"{attribute_path!r}; callables defined there: "
-                f"{_list_callables(module)}"
+                f"{MODEL_FLAG} {spec!r}: {kind} {source} has no attribute "
+                f"{attribute_path!r}; {fix}"
             ) from err
     if not callable(target):
         raise InvalidInputError(
@@ -641,7 +655,7 @@ def _list_callables(module: ModuleType) -> str:
         and callable(value)
         and getattr(value, "__module__", None) == module.__name__
     )
-    return ", ".join(names[:10]) + (", …" if len(names) > 10 else "") or "(none)"
+    return ", ".join(names[:10]) + (", …" if len(names) > 10 else "")
 
 
 def _check_kwargs_fit(

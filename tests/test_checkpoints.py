@@ -825,6 +825,27 @@ def test_factory_errors(model_package: Path, tmp_path: Path) -> None:
             resolve_model_factory(spec, kwargs_json)
 
 
+def test_missing_attribute_names_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "nets.py").write_text(MODEL_SOURCE)
+    (tmp_path / "empty.py").write_text("import torch\n")
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(InvalidInputError) as with_callables:
+        resolve_model_factory("nets.py:nothere")
+    with pytest.raises(InvalidInputError) as without_callables:
+        resolve_model_factory("empty.py:nothere")
+    first, second = str(with_callables.value), str(without_callables.value)
+
+    assert "_probecvx_model" not in first
+    assert "_probecvx_model" not in second
+    assert "file nets.py has no attribute 'nothere'" in first
+    assert "callables defined there after ':': Net, build, not_a_model" in first
+    assert "file empty.py has no attribute 'nothere'" in second
+    assert "defines no public class or function" in second
+
+
 def test_factory_must_return_module(model_package: Path) -> None:
     factory = resolve_model_factory("ckpt_test_pkg.nets:not_a_model")
     with pytest.raises(
