@@ -441,14 +441,21 @@ def _finite_or_none(
     return None
 
 
+#: Classes named in the note about classes without train rows; the rest are counted.
+_LISTED_CLASSES = 10
+
+
 def _class_notes(y_train: np.ndarray, class_names: Sequence[str]) -> list[str]:
     counts = np.bincount(y_train, minlength=len(class_names))
     missing = [class_names[int(code)] for code in np.flatnonzero(counts == 0)]
     if not missing:
         return []
+    names = ", ".join(map(repr, missing[:_LISTED_CLASSES]))
+    if len(missing) > _LISTED_CLASSES:
+        names += f" and {len(missing) - _LISTED_CLASSES} more"
     return [
         f"{len(missing)} of {len(class_names)} classes have no train rows "
-        f"({', '.join(map(repr, missing))}); the probe never predicts them"
+        f"({names}); the probe never predicts them"
     ]
 
 

@@ -570,3 +570,16 @@ def test_early_stopping_passed_through(tmp_path: Path) -> None:
     assert "early stopping was off" in " ".join(
         site_entry(without_val, "input")["warnings"]
     )
+
+
+def test_class_note_lists_ten_missing_classes() -> None:
+    from probecvx.probe import _class_notes
+
+    names = [f"c{code}" for code in range(30)]
+    y_train = np.array([0, 1, 2, 3, 4, 5, 6, 7])
+
+    (note,) = _class_notes(y_train, names)
+
+    assert note.startswith("22 of 30 classes have no train rows ('c8', 'c9', ")
+    assert "'c17' and 12 more); the probe never predicts them" in note
+    assert "'c18'" not in note
