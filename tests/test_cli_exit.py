@@ -262,3 +262,83 @@ def test_sigint_during_fit_with_workers(tmp_path: Path) -> None:
     assert leftovers(out) == []
     for path in out.glob(".units/*/*.json"):
         assert read_unit_file(path) is not None
+
+
+# --- SIGTERM exits 143 ----------------------------------------------------------------
+
+
+def test_sigterm_exits_143_in_process(
+    checkpoint_dir: Path,
+    tiny_data_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def terminate(*args: object, **kwargs: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(10)
+
+    monkeypatch.setattr("probecvx.cli.extract.extract_checkpoints", terminate)
+    handler_before = signal.getsignal(signal.SIGTERM)
+    result = invoke(*extract_args(checkpoint_dir, tiny_data_file, tmp_path / "acts"))
+
+    assert result.exit_code == 143
+    assert result.stderr.splitlines()[-1].startswith("Terminated; ")
+    assert result.stdout == ""
+    assert signal.getsignal(signal.SIGTERM) == handler_before
+
+
+def start_slow_fit(acts: Path, out: Path) -> subprocess.Popen[str]:
+    """Start `probecvx fit --jobs 2` with the slow solver in its own session."""
+    write_series(acts, steps=(0, 10, 20, 30))
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "probecvx",
+            "fit",
+            str(acts),
+            "--out",
+            str(out),
+            "--jobs",
+            "2",
+            "--plugin",
+            "tests.faultplugin",
+            "--solver",
+            "slow",
+            "--quiet",
+        ],
+        env=ENV,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+@pytest.mark.parametrize("target", ["process", "group"])
+def test_sigterm_during_fit_with_workers(tmp_path: Path, target: str) -> None:
+    # `kill PID` signals the fit process only; SLURM signals every process of
+    # the job step, workers included.
+    out = tmp_path / "out"
+    process = start_slow_fit(tmp_path / "acts", out)
+    try:
+        started = wait_for(lambda: any(out.glob(".units/*/*.json")), timeout=120)
+        if target == "process":
+            process.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(process.pid, signal.SIGTERM)
+        _, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+
+    assert started, stderr
+    assert process.returncode == 143, stderr
+    assert stderr.splitlines()[-1].startswith("Terminated; "), stderr
+    assert "Traceback" not in stderr
+    assert "leaked" not in stderr
+    assert "exits because its fit process" not in stderr
+    assert leftovers(out) == []
+    for path in out.glob(".units/*/*.json"):
+        assert read_unit_file(path) is not None

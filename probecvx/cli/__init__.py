@@ -3,8 +3,10 @@
 Each command module defines a click command and is registered below. Library
 errors (:class:`probecvx.errors.ProbecvxError`) become a one-line message on
 stderr and the error's exit code: 2 for bad usage, 1 for a failed run. An
-interrupt (Ctrl-C, SIGINT) exits 130, the shell convention for a process
-stopped by SIGINT, with a one-line message and no traceback. Python warnings
+interrupt (Ctrl-C, SIGINT) exits 130 and SIGTERM (``kill PID``, or SLURM at a
+time limit or ``scancel``) exits 143, the shell conventions of 128 plus the
+signal number. Both unwind the stack, so temporary files and claims are
+removed, and print a one-line message without a traceback. Python warnings
 are printed as one line, ``Warning: <message>``, without the file and line
 that raised them.
 
@@ -15,9 +17,12 @@ counts add up: ``probecvx -v fit ... -v`` logs at debug level.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
+import threading
 import warnings
 from collections.abc import Callable
+from types import FrameType
 from typing import Any, TextIO, TypeVar
 
 import click
@@ -30,6 +35,26 @@ INTERRUPTED_EXIT_CODE = 130
 INTERRUPTED_MESSAGE = (
     "Interrupted; finished files are kept, so run the same command again to continue."
 )
+#: Exit status after SIGTERM: 128 + SIGTERM (15), as shells report it.
+TERMINATED_EXIT_CODE = 143
+TERMINATED_MESSAGE = (
+    "Terminated; finished files are kept, so run the same command again to continue."
+)
+
+
+class Terminated(BaseException):
+    """Raised in the main thread on SIGTERM, so the stack unwinds as for Ctrl-C.
+
+    It derives from BaseException, like KeyboardInterrupt, so that handlers of
+    Exception let it pass, while the library's cleanup (``except
+    BaseException``, ``finally``) and joblib's abort of its workers still run.
+    """
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    # A second SIGTERM while the first unwinds would cut the cleanup short.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    raise Terminated
 
 
 VERBOSE_HELP = "Log more to stderr (-v info, -vv debug)."
@@ -59,12 +84,18 @@ def show_warning(
 
 
 class _Group(click.Group):
-    """A click group that turns library errors and Ctrl-C into exit codes.
+    """A click group that turns library errors, Ctrl-C and SIGTERM into exit codes.
 
-    While a command runs, warnings are printed by :func:`show_warning`.
+    While a command runs, warnings are printed by :func:`show_warning`, and
+    SIGTERM raises :class:`Terminated` in the main thread.
     """
 
     def invoke(self, ctx: click.Context) -> Any:
+        # Signal handlers can only be set from the main thread.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        previous_handler = signal.getsignal(signal.SIGTERM)
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, _raise_terminated)
         try:
             # catch_warnings restores the previous showwarning afterwards, which
             # matters when the group is invoked in-process, as in the tests.
@@ -79,6 +110,15 @@ class _Group(click.Group):
             # temporary files and claims while the interrupt unwinds the stack.
             click.echo(INTERRUPTED_MESSAGE, err=True)
             ctx.exit(INTERRUPTED_EXIT_CODE)
+        except Terminated:
+            click.echo(TERMINATED_MESSAGE, err=True)
+            ctx.exit(TERMINATED_EXIT_CODE)
+        finally:
+            if in_main_thread:
+                # getsignal returns None for a handler not set from Python.
+                if previous_handler is None:
+                    previous_handler = signal.SIG_DFL
+                signal.signal(signal.SIGTERM, previous_handler)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
