@@ -92,9 +92,41 @@ def test_fit_failed_unit_exits_1(tmp_path: Path) -> None:
 
     assert code == 1
     assert stdout.splitlines() == [str(out / "step_0.json"), str(out / "step_10.json")]
-    assert stderr.startswith("Error: 1 of 4 probes failed; the others were fitted.")
-    assert "probe fc at step_0" in stderr
-    assert len(stderr.splitlines()) == 1
+    warning, error = stderr.splitlines()
+    assert warning.startswith("Warning: probe fc at step_0 failed on ")
+    assert error.startswith("Error: 1 of 4 probes failed; the others were fitted.")
+    assert "probe fc at step_0" in error
+
+
+def test_fit_all_failed_says_none_fitted(tmp_path: Path) -> None:
+    labels, _ = toy_targets()
+    broken = toy_activations(labels, 4, seed=3)
+    broken[:, 1] = np.inf
+    write_shard(tmp_path / "acts", "step_0", 0, {"input": broken, "fc": broken})
+    out = tmp_path / "out"
+
+    code, _, stderr = run_fit(str(tmp_path / "acts"), "--out", str(out), "--quiet")
+
+    assert code == 1
+    error = stderr.splitlines()[-1]
+    assert error.startswith("Error: all 2 probes failed; no probe was fitted.")
+    assert "the others" not in error
+
+
+def test_fit_warning_log_format(tmp_path: Path) -> None:
+    labels, _ = toy_targets()
+    broken = toy_activations(labels, 4, seed=3)
+    broken[:, 1] = np.inf
+    write_shard(tmp_path / "acts", "step_0", 0, {"fc": broken})
+    args = (str(tmp_path / "acts"), "--quiet", "--sites", "fc")
+
+    _, _, quiet_stderr = run_fit(*args, "--out", str(tmp_path / "out"))
+    _, _, verbose_stderr = run_fit(*args, "--out", str(tmp_path / "out2"), "-v")
+
+    assert quiet_stderr.splitlines()[0].startswith("Warning: probe fc at step_0 ")
+    warning = next(line for line in verbose_stderr.splitlines() if " failed " in line)
+    assert " WARNING probecvx.fit: probe fc at step_0 failed " in warning
+    assert warning[:4].isdigit()
 
 
 def test_fit_corrupt_shard_exits_1(tmp_path: Path) -> None:

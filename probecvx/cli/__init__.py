@@ -10,8 +10,11 @@ removed, and print a one-line message without a traceback. Python warnings
 are printed as one line, ``Warning: <message>``, without the file and line
 that raised them.
 
+Log records go to stderr. By default only warnings and errors are shown, in
+the same one-line form, ``Warning: <message>`` or ``Error: <message>``.
 ``-v``/``--verbose`` is accepted before the command name and after it, and the
-counts add up: ``probecvx -v fit ... -v`` logs at debug level.
+counts add up: ``probecvx -v fit ... -v`` logs at debug level. Under ``-v``
+every record gets a timestamp, its level and its logger's name.
 """
 
 from __future__ import annotations
@@ -63,6 +66,52 @@ _VERBOSE_KEY = "probecvx.verbose"
 _Command = TypeVar("_Command", bound=Callable[..., Any])
 
 
+#: Log format under -v: timestamps help to follow a long run.
+VERBOSE_LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class PlainFormatter(logging.Formatter):
+    """Format a record as ``Warning: <message>`` or ``Error: <message>``.
+
+    This matches the form of Python warnings and of the command's own errors.
+    A traceback attached to the record still follows it.
+    """
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return f"{record.levelname.capitalize()}: {record.getMessage()}"
+
+
+_log_handler: logging.Handler | None = None
+
+
+def _configure_logging(verbose: int) -> None:
+    """Set the root logger's level and the stderr handler's format for ``verbose``."""
+    logging.getLogger().setLevel(_log_level(verbose))
+    if _log_handler is not None:
+        if verbose:
+            _log_handler.setFormatter(logging.Formatter(VERBOSE_LOG_FORMAT))
+        else:
+            _log_handler.setFormatter(PlainFormatter())
+
+
+def _install_log_handler() -> logging.Handler:
+    """Add a handler that writes log records to the current stderr."""
+    global _log_handler
+    # The stream is read now, because the tests swap sys.stderr per invocation.
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(PlainFormatter())
+    logging.getLogger().addHandler(handler)
+    _log_handler = handler
+    return handler
+
+
+def _remove_log_handler(handler: logging.Handler) -> None:
+    global _log_handler
+    logging.getLogger().removeHandler(handler)
+    if _log_handler is handler:
+        _log_handler = None
+
+
 def show_warning(
     message: Warning | str,
     category: type[Warning],
@@ -96,6 +145,7 @@ class _Group(click.Group):
         previous_handler = signal.getsignal(signal.SIGTERM)
         if in_main_thread:
             signal.signal(signal.SIGTERM, _raise_terminated)
+        log_handler = _install_log_handler()
         try:
             # catch_warnings restores the previous showwarning afterwards, which
             # matters when the group is invoked in-process, as in the tests.
@@ -114,6 +164,7 @@ class _Group(click.Group):
             click.echo(TERMINATED_MESSAGE, err=True)
             ctx.exit(TERMINATED_EXIT_CODE)
         finally:
+            _remove_log_handler(log_handler)
             if in_main_thread:
                 # getsignal returns None for a handler not set from Python.
                 if previous_handler is None:
@@ -128,11 +179,7 @@ class _Group(click.Group):
 def main(ctx: click.Context, verbose: int) -> None:
     """Fit linear classifier probes to every layer of a model at every checkpoint."""
     ctx.meta[_VERBOSE_KEY] = verbose
-    logging.basicConfig(
-        level=_log_level(verbose),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    _configure_logging(verbose)
 
 
 def verbose_option(command: _Command) -> _Command:
@@ -151,7 +198,7 @@ def _raise_verbosity(ctx: click.Context, param: click.Parameter, count: int) -> 
     if count:
         total = ctx.meta.get(_VERBOSE_KEY, 0) + count
         ctx.meta[_VERBOSE_KEY] = total
-        logging.getLogger().setLevel(_log_level(total))
+        _configure_logging(total)
 
 
 def _log_level(verbose: int) -> int:

@@ -312,7 +312,9 @@ def fit_command(
 def _failure_line(summary: FitSummary) -> str:
     """Return one line that counts the failures and shows the first one."""
     parts = []
-    if summary.failed_units:
+    if summary.failed_units and summary.n_failed == summary.n_units:
+        parts.append(f"all {summary.n_units} probes failed")
+    elif summary.failed_units:
         parts.append(f"{summary.n_failed} of {summary.n_units} probes failed")
     if summary.failed_earlier:
         parts.append(
@@ -328,7 +330,10 @@ def _failure_line(summary: FitSummary) -> str:
     else:
         checkpoint, error = summary.failed_checkpoints[0]
         first = f"first: {checkpoint}: {error}"
+    # Units left to other processes count as fitted, like current ones.
+    n_others = summary.n_units - summary.n_failed - len(summary.failed_earlier)
+    others = "the others were fitted" if n_others > 0 else "no probe was fitted"
     return (
-        f"{' and '.join(parts)}; the others were fitted. The errors are in "
+        f"{' and '.join(parts)}; {others}. The errors are in "
         f"{summary.index_path} and the reports ({first})"
     )
