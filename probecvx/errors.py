@@ -52,3 +52,7 @@ class SolverError(ProbecvxError):
 
 class ConvergenceWarning(UserWarning):
     """A probe solver stopped at its iteration cap before meeting its tolerance."""
+
+
+class SplitWarning(UserWarning):
+    """The train/val/test split leaves some class without train rows."""

@@ -82,6 +82,7 @@ from probecvx.errors import (
     ProbecvxError,
     ReportError,
     ShardError,
+    SplitWarning,
 )
 from probecvx.probe import (
     DEFAULT_CS,
@@ -195,7 +196,9 @@ class FitSummary:
     waits for units of other tasks. ``n_not_converged`` counts the probes that
     stopped before meeting ``tol``, except the ``n_stopped_early`` that early
     stopping returned. ``not_converged`` lists those probes as
-    ``(checkpoint, site)``, in step order.
+    ``(checkpoint, site)``, in step order. ``no_train_rows`` lists, in the
+    same form, the probes fitted in this run although some of their classes
+    have no train rows, so that they never predict those classes.
     """
 
     reports_dir: Path
@@ -212,6 +215,7 @@ class FitSummary:
     failed_earlier: list[tuple[str, str, str]] = field(default_factory=list)
     n_waiting: int = 0
     not_converged: list[tuple[str, str]] = field(default_factory=list)
+    no_train_rows: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def n_failed(self) -> int:
@@ -234,6 +238,7 @@ class _Checkpoint:
 
     info: ShardInfo
     split_sizes: dict[str, int]
+    classes_without_train_rows: list[str] = field(default_factory=list)
     entries: dict[str, dict[str, Any]] = field(default_factory=dict)
     pending: set[str] = field(default_factory=set)
     elsewhere: set[str] = field(default_factory=set)
@@ -348,6 +353,9 @@ def fit_shards(
     -----
     ConvergenceWarning
         When the chosen probe of some unit stopped at ``max_iter``.
+    SplitWarning
+        Once, when some probes were fitted although classes of their shard
+        have no train rows.
 
     Notes
     -----
@@ -443,8 +451,10 @@ def fit_shards(
         failed_earlier=plan.failed_earlier + run.failed_elsewhere,
         n_waiting=run.n_waiting,
         not_converged=sorted(run.not_converged, key=run.unit_order),
+        no_train_rows=sorted(run.no_train_rows, key=run.unit_order),
     )
     _warn_not_converged(summary, settings)
+    _warn_no_train_rows(summary, states)
     logger.info(
         "fit finished: %d fitted, %d current, %d failed, %d left to other "
         "processes, %d shards unreadable",
@@ -654,7 +664,16 @@ def _read_shards(
             continue
         counts = np.bincount(split, minlength=len(SPLIT_NAMES))
         sizes = {name: int(counts[code]) for code, name in enumerate(SPLIT_NAMES)}
-        readable.append(_Checkpoint(info=info, split_sizes=sizes))
+        train_counts = np.bincount(
+            labels[split == SPLIT_NAMES.index("train")],
+            minlength=len(info.class_names),
+        )
+        missing = [info.class_names[int(i)] for i in np.flatnonzero(train_counts == 0)]
+        readable.append(
+            _Checkpoint(
+                info=info, split_sizes=sizes, classes_without_train_rows=missing
+            )
+        )
 
     readable.sort(key=lambda s: _step_key(s.info.step, s.info.checkpoint_name))
     states: dict[str, _Checkpoint] = {}
@@ -1401,6 +1420,7 @@ class _Run:
         self.failed_elsewhere: list[tuple[str, str, str]] = []
         self.n_not_converged = 0
         self.not_converged: list[tuple[str, str]] = []
+        self.no_train_rows: list[tuple[str, str]] = []
         self.n_stopped_early = 0
         self.n_fitted = 0
         self.n_done_elsewhere = 0
@@ -1524,7 +1544,10 @@ class _Run:
         self.n_fitted += 1
         if failed:
             self.failed_units.append(error)
-        elif entry["solver"].get("stop_reason") == EARLY_STOPPED:
+            return
+        if self.states[result.checkpoint].classes_without_train_rows:
+            self.no_train_rows.append((result.checkpoint, result.site))
+        if entry["solver"].get("stop_reason") == EARLY_STOPPED:
             self.n_stopped_early += 1
         elif not entry["solver"]["converged"]:
             self.n_not_converged += 1
@@ -1642,6 +1665,40 @@ def _warn_not_converged(summary: FitSummary, settings: FitSettings) -> None:
         ConvergenceWarning,
         stacklevel=3,
     )
+
+
+def _warn_no_train_rows(summary: FitSummary, states: dict[str, _Checkpoint]) -> None:
+    """Warn once about the probes fitted although some classes have no train rows.
+
+    Each report's entry carries the same note, but nothing else reaches the
+    terminal. The classes named are those of the first such checkpoint.
+    """
+    if not summary.no_train_rows:
+        return
+    first_checkpoint = summary.no_train_rows[0][0]
+    state = states[first_checkpoint]
+    missing = state.classes_without_train_rows
+    names = ", ".join(map(repr, missing[:_LISTED_CLASSES]))
+    if len(missing) > _LISTED_CLASSES:
+        names += f" and {len(missing) - _LISTED_CLASSES} more"
+    n_checkpoints = len({checkpoint for checkpoint, _ in summary.no_train_rows})
+    checkpoints = f"{n_checkpoints} checkpoint{'' if n_checkpoints == 1 else 's'}"
+    warnings.warn(
+        f"{len(summary.no_train_rows)} of {summary.n_fitted - summary.n_failed} "
+        f"probes fitted, at "
+        f"{checkpoints}, have classes without train rows, so they "
+        f"never predict them ({len(missing)} of {len(state.info.class_names)} "
+        f"classes at {first_checkpoint}: {names}). Fix the split so that every "
+        "class has train rows, for example with a larger train fraction in "
+        "`probecvx extract --split` or more rows in --limit, then re-run extract "
+        "and fit",
+        SplitWarning,
+        stacklevel=3,
+    )
+
+
+#: Classes named in the warning about classes without train rows.
+_LISTED_CLASSES = 10
 
 
 def _name_probes(probes: Sequence[tuple[str, str]], max_shown: int = 5) -> str:

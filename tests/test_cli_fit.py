@@ -129,6 +129,25 @@ def test_fit_warning_log_format(tmp_path: Path) -> None:
     assert warning[:4].isdigit()
 
 
+def test_fit_warns_of_classes_without_train_rows(tmp_path: Path) -> None:
+    labels, split = toy_targets()
+    split = np.where((labels == 2) & (split == 0), 2, split).astype(np.uint8)
+    sites = {"input": toy_activations(labels, 5, seed=1)}
+    write_shard(tmp_path / "acts", "step_0", 0, sites, split=split)
+
+    code, _, stderr = run_fit(
+        str(tmp_path / "acts"), "--out", str(tmp_path / "out"), "--quiet"
+    )
+
+    assert code == 0
+    lines = [line for line in stderr.splitlines() if "train rows" in line]
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        "Warning: SplitWarning: 1 of 1 probes fitted, at 1 checkpoint, "
+    )
+    assert "'eel'" in lines[0]
+
+
 def test_fit_corrupt_shard_exits_1(tmp_path: Path) -> None:
     paths = write_series(tmp_path / "acts", steps=(0, 10))
     paths[0].write_bytes(b"not an HDF5 file")

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
 
-from probecvx.errors import ConvergenceWarning, InvalidInputError
+from probecvx.errors import ConvergenceWarning, InvalidInputError, SplitWarning
 from probecvx.fit import UNITS_DIR, fit_shards
 from probecvx.probe import standardise
 from probecvx.reports import INDEX_NAME, read_index, read_report
@@ -215,7 +215,8 @@ def test_class_missing_from_train(tmp_path: Path) -> None:
     values = toy_activations(labels, 5, seed=5)
     write_shard(tmp_path / "acts", "step_0", 0, {"input": values}, split=split)
 
-    summary = fit(tmp_path / "acts", tmp_path / "out", Cs=[1.0])
+    with pytest.warns(SplitWarning, match="1 checkpoint, have classes without train"):
+        summary = fit(tmp_path / "acts", tmp_path / "out", Cs=[1.0])
     report = read_report(tmp_path / "out" / "step_0.json")
     entry = site_entry(report, "input")
 
@@ -583,3 +584,43 @@ def test_class_note_lists_ten_missing_classes() -> None:
     assert note.startswith("22 of 30 classes have no train rows ('c8', 'c9', ")
     assert "'c17' and 12 more); the probe never predicts them" in note
     assert "'c18'" not in note
+
+
+def test_class_without_train_rows_warns_once(tmp_path: Path) -> None:
+    labels, split = toy_targets()
+    # Every eel row of train moves to test, so no probe sees an eel in train.
+    split = np.where((labels == 2) & (split == 0), 2, split).astype(np.uint8)
+    for index, step in enumerate((0, 10)):
+        sites = {
+            "input": toy_activations(labels, 5, seed=1, shift=0.05 * index),
+            "fc": toy_activations(labels, 4, seed=2, shift=0.05 * index),
+        }
+        write_shard(tmp_path / "acts", f"step_{step}", step, sites, split=split)
+
+    with pytest.warns(SplitWarning, match="classes without train rows") as caught:
+        summary = fit(tmp_path / "acts", tmp_path / "out")
+
+    assert summary.ok
+    assert sorted(summary.no_train_rows) == [
+        ("step_0", "fc"),
+        ("step_0", "input"),
+        ("step_10", "fc"),
+        ("step_10", "input"),
+    ]
+    messages = [str(w.message) for w in caught if "train rows" in str(w.message)]
+    assert len(messages) == 1
+    assert messages[0].startswith(
+        "4 of 4 probes fitted, at 2 checkpoints, have classes without train rows"
+    )
+    assert "1 of 3 classes at step_0: 'eel'" in messages[0]
+    assert "--split" in messages[0]
+
+
+def test_all_classes_in_train_no_warning(tmp_path: Path) -> None:
+    write_series(tmp_path / "acts", steps=(0,))
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = fit(tmp_path / "acts", tmp_path / "out")
+
+    assert summary.no_train_rows == []

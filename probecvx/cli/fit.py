@@ -17,7 +17,7 @@ from probecvx.cluster import (
     parallel_backend,
     resolve_shard,
 )
-from probecvx.errors import ConvergenceWarning, ProbecvxError
+from probecvx.errors import ConvergenceWarning, ProbecvxError, SplitWarning
 from probecvx.fit import DEFAULT_CS, FitSummary, fit_shards
 from probecvx.solvers import available_solvers
 
@@ -273,6 +273,7 @@ def fit_command(
     shard = resolve_shard(shard_text)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ConvergenceWarning)
+        warnings.simplefilter("always", SplitWarning)
         with parallel_backend(
             backend, n_jobs=n_jobs, scheduler=scheduler, scheduler_file=scheduler_file
         ):
