@@ -412,6 +412,8 @@ def run_demo(
     quick: bool = False,
     seed: int = 0,
     progress: bool = True,
+    max_iter: int | None = None,
+    tol: float | None = None,
 ) -> DemoResult:
     """Train the demo network, then extract, fit and report on its checkpoints.
 
@@ -442,6 +444,9 @@ def run_demo(
         training examples.
     progress : bool, default=True
         Show progress bars on stderr.
+    max_iter, tol : optional
+        The iteration cap and tolerance of the probe solver, as for
+        :func:`probecvx.fit.fit_shards`. A change refits the probes only.
 
     Returns
     -------
@@ -509,6 +514,8 @@ def run_demo(
         reports_dir,
         Cs=QUICK_CS if quick else None,
         n_jobs=n_jobs,
+        tol=tol,
+        max_iter=max_iter,
         progress=progress,
     )
     seconds["fit"] = time.perf_counter() - start

@@ -1660,8 +1660,8 @@ def _warn_not_converged(summary: FitSummary, settings: FitSettings) -> None:
         f"{summary.n_not_converged} of {summary.n_fitted} probes did not converge "
         f"({probes}): they stopped before meeting tol={settings.tol:g}, at "
         f"max_iter={settings.max_iter} or when the solver could not make "
-        "progress. Their reports mark them converged: false. Raise "
-        "max_iter or tol and re-run to refit them",
+        "progress. Their reports mark them converged: false. Raise --max-iter "
+        "or --tol (max_iter or tol in Python) and re-run to refit them",
         ConvergenceWarning,
         stacklevel=3,
     )

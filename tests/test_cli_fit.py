@@ -167,9 +167,10 @@ def test_fit_corrupt_shard_exits_1(tmp_path: Path) -> None:
         (["--C", "0.1,abc"], "invalid C 'abc' in '0.1,abc'"),
         (["--C", "0,1"], "invalid C '0' in '0,1'"),
         (["--C", "-1"], "invalid C '-1'"),
-        (["--jobs", "0"], "invalid n_jobs 0"),
+        (["--jobs", "0"], "Invalid value for '--jobs': 0 workers cannot fit"),
         (["--max-iter", "0"], "Invalid value for '--max-iter'"),
-        (["--tol", "-0.1"], "invalid tol -0.1"),
+        (["--tol", "-0.1"], "Invalid value for '--tol': -0.1 is not a positive"),
+        (["--tol", "nan"], "Invalid value for '--tol': nan is not a positive"),
         (["--sites", "nope"], "unknown probe site 'nope'"),
     ],
 )

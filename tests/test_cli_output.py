@@ -77,6 +77,7 @@ def test_fit_convergence_warning_one_line(tmp_path: Path) -> None:
         "Warning: ConvergenceWarning: 2 of 2 probes did not converge "
         "(input at step_0, fc at step_0)"
     )
+    assert "Raise --max-iter or --tol" in warning_lines[0]
     assert ".py:" not in result.stderr
 
 

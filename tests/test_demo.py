@@ -156,6 +156,40 @@ def test_claim_folder_replaces_other_settings(tmp_path: Path) -> None:
     assert stored == {"format": demo.MARKER_FORMAT, "settings": new}
 
 
+def test_demo_passes_max_iter_and_tol(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[dict[str, Any]] = []
+
+    def fake_run_demo(out_dir: Path, **kwargs: Any) -> None:
+        calls.append(kwargs)
+        raise InvalidInputError("stop after the call")
+
+    monkeypatch.setattr(demo, "run_demo", fake_run_demo)
+    args = ["demo", "--out", str(tmp_path), "--max-iter", "50", "--tol", "1e-3"]
+    result = CliRunner().invoke(main, args)
+
+    assert result.exit_code == 2
+    assert calls[0]["max_iter"] == 50
+    assert calls[0]["tol"] == 1e-3
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--jobs", "0"], "Invalid value for '--jobs'"),
+        (["--tol", "0"], "Invalid value for '--tol'"),
+        (["--max-iter", "0"], "Invalid value for '--max-iter'"),
+    ],
+)
+def test_demo_bad_values_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    result = CliRunner().invoke(main, ["demo", "--out", str(tmp_path), *args])
+
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.fixture(scope="module")
 def quick_demo(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """Run `probecvx demo --quick` once; return its folder and stdout."""

@@ -20,6 +20,7 @@ every record gets a timestamp, its level and its logger's name.
 from __future__ import annotations
 
 import logging
+import math
 import signal
 import sys
 import threading
@@ -180,6 +181,28 @@ def main(ctx: click.Context, verbose: int) -> None:
     """Fit linear classifier probes to every layer of a model at every checkpoint."""
     ctx.meta[_VERBOSE_KEY] = verbose
     _configure_logging(verbose)
+
+
+def check_jobs(ctx: click.Context, param: click.Parameter, n_jobs: int) -> int:
+    """Reject ``--jobs 0``; joblib reads -1 as every core and -2 as all but one."""
+    if n_jobs == 0:
+        raise click.BadParameter(
+            "0 workers cannot fit anything; give a positive number of workers, "
+            "or -1 for one per core"
+        )
+    return n_jobs
+
+
+def check_tol(
+    ctx: click.Context, param: click.Parameter, tol: float | None
+) -> float | None:
+    """Reject a ``--tol`` that is not a positive finite number."""
+    if tol is not None and not (math.isfinite(tol) and tol > 0):
+        raise click.BadParameter(
+            f"{tol} is not a positive number; give a tolerance such as 1e-4, or "
+            "leave --tol out to use the solver's own"
+        )
+    return tol
 
 
 def verbose_option(command: _Command) -> _Command:

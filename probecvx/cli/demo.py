@@ -7,7 +7,8 @@ from pathlib import Path
 import click
 
 from probecvx import demo
-from probecvx.cli import main, verbose_option
+from probecvx.cli import check_jobs, check_tol, main, verbose_option
+from probecvx.fit import DEFAULT_MAX_ITER
 
 
 @main.command("demo")
@@ -48,7 +49,23 @@ from probecvx.cli import main, verbose_option
     type=int,
     default=-1,
     show_default=True,
+    callback=check_jobs,
     help="Probe fits run in parallel; -1 uses every core.",
+)
+@click.option(
+    "--max-iter",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Iteration cap per probe, as in `probecvx fit --max-iter`.  "
+    f"[default: {DEFAULT_MAX_ITER}]",
+)
+@click.option(
+    "--tol",
+    type=float,
+    default=None,
+    callback=check_tol,
+    help="Probe solver tolerance, as in `probecvx fit --tol`.  "
+    "[default: the solver's own]",
 )
 @click.option(
     "--seed",
@@ -70,6 +87,8 @@ def demo_command(
     steps: int | None,
     limit: int | None,
     n_jobs: int,
+    max_iter: int | None,
+    tol: float | None,
     seed: int,
     quick: bool,
     no_progress: bool,
@@ -91,5 +110,7 @@ def demo_command(
         quick=quick,
         seed=seed,
         progress=not no_progress,
+        max_iter=max_iter,
+        tol=tol,
     )
     click.echo(demo.format_demo_summary(result), nl=False)

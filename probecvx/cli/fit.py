@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from probecvx.claims import DEFAULT_CLAIM_TIMEOUT
-from probecvx.cli import main, verbose_option
+from probecvx.cli import check_jobs, check_tol, main, verbose_option
 from probecvx.cluster import (
     BACKENDS,
     HDF5_LOCKING_MODES,
@@ -138,6 +138,7 @@ def _split_names(values: tuple[str, ...]) -> list[str] | None:
     type=int,
     default=-1,
     show_default=True,
+    callback=check_jobs,
     help="Probes fitted in parallel; -1 uses every core, or every worker "
     "thread of a Dask cluster. With --backend dask and no scheduler: the number "
     "of local worker processes.",
@@ -158,6 +159,7 @@ def _split_names(values: tuple[str, ...]) -> list[str] | None:
     "--tol",
     type=float,
     default=None,
+    callback=check_tol,
     help="Solver tolerance. Default: the solver's own.",
 )
 @click.option(
