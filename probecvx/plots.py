@@ -407,7 +407,7 @@ def animate_site_bars(records: Iterable[Record], path: Path, *, fps: int = 1) ->
         raise InvalidInputError(
             f"animation path {str(path)!r} must end in .gif or .mp4"
         )
-    _check_ffmpeg(suffix)
+    check_ffmpeg(suffix)
     grid = build_error_grid(records)
     y_max = _error_y_max(grid)
 
@@ -538,7 +538,7 @@ def write_report_figures(
             f"use one of {', '.join(ANIMATION_FORMATS)}"
         )
     if animate is not None:
-        _check_ffmpeg(animate)
+        check_ffmpeg(animate)
     if sites is not None:
         _validate_sites(sites, grid.sites)
 
@@ -587,7 +587,8 @@ def _validate_sites(requested: Sequence[str], known: Sequence[str]) -> None:
         raise InvalidInputError("no probe sites chosen; name at least one site")
 
 
-def _check_ffmpeg(fmt: str) -> None:
+def check_ffmpeg(fmt: str) -> None:
+    """Raise InvalidInputError when ``fmt`` is mp4 and ffmpeg is not on PATH."""
     if fmt == "mp4" and shutil.which("ffmpeg") is None:
         raise InvalidInputError(
             "an MP4 animation needs ffmpeg, which is not on PATH; install ffmpeg "

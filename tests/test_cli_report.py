@@ -95,6 +95,20 @@ def test_report_html_and_animation(reports_dir: Path, tmp_path: Path) -> None:
         assert image.n_frames == len(STEPS)
 
 
+def test_report_mp4_without_ffmpeg_prints_nothing(
+    reports_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    code, stdout, stderr = invoke(
+        "report", str(reports_dir), "--out", str(tmp_path / "fig"), "--animate", "mp4"
+    )
+
+    assert code == 2
+    assert stdout == ""
+    assert "needs ffmpeg, which is not on PATH" in stderr
+    assert not (tmp_path / "fig").exists()
+
+
 def test_report_unknown_site(reports_dir: Path, tmp_path: Path) -> None:
     code, _, stderr = invoke(
         "report", str(reports_dir), "--sites", "relu9", "--out", str(tmp_path)

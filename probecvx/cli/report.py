@@ -88,6 +88,10 @@ def report_command(
     word as its value.
     """
     site_list = _split_sites(sites)
+    if animate is not None and not no_figures:
+        # Checked before the table is printed, so that a run that fails prints
+        # nothing on stdout.
+        plots.check_ffmpeg(animate)
     records = load_table(reports_dir)
     known = {record["site"] for record in records}
     for site in site_list or []:
