@@ -373,6 +373,7 @@ def fit_shards(
     claim_timeout = check_claim_timeout(claim_timeout)
     check_hdf5_locking(hdf5_locking)
     out_dir = Path(out_dir)
+    _check_out_dir_apart(Path(acts_dir), out_dir)
     if task is None:
         task = slurm_task_label()
     if task is None and shard is not None:
@@ -623,6 +624,27 @@ def _check_n_jobs(n_jobs: int) -> int:
 # --- Shards and filters ------------------------------------------------------------
 
 
+def _check_out_dir_apart(acts_dir: Path, out_dir: Path) -> None:
+    """Reject a reports folder that is the activations folder itself."""
+    if acts_dir.resolve() == out_dir.resolve():
+        raise InvalidInputError(
+            f"the reports folder {out_dir} is the activations folder {acts_dir}; "
+            "give the reports a folder of their own, such as --out reports"
+        )
+
+
+def _reports_folder_hint(acts_dir: Path) -> str | None:
+    """Return why ``acts_dir``, which contains no shard, looks like a reports folder."""
+    if (acts_dir / reports.INDEX_NAME).is_file():
+        return f"it contains {reports.INDEX_NAME}"
+    if (acts_dir / UNITS_DIR).is_dir():
+        return f"it contains {UNITS_DIR}/"
+    report_names = sorted(path.name for path in acts_dir.glob("*.json"))
+    if report_names:
+        return f"it contains {report_names[0]}"
+    return None
+
+
 def _read_shards(
     acts_dir: Path,
 ) -> tuple[dict[str, _Checkpoint], list[tuple[str, str, str]]]:
@@ -645,6 +667,14 @@ def _read_shards(
         and path.is_file()
     )
     if not paths:
+        hint = _reports_folder_hint(acts_dir)
+        if hint is not None:
+            raise InvalidInputError(
+                f"no shards (*{SHARD_SUFFIX}) in {acts_dir}, and {hint}, so it "
+                "looks like a reports folder of `probecvx fit`; pass the "
+                "activations folder, the --out folder of `probecvx extract`, "
+                "instead"
+            )
         raise InvalidInputError(
             f"no shards (*{SHARD_SUFFIX}) in {acts_dir}; run `probecvx extract "
             f"... --out {acts_dir}` first"

@@ -184,6 +184,18 @@ def test_fit_bad_values_exit_2(tmp_path: Path, args: list[str], message: str) ->
     assert stdout == ""
 
 
+def test_fit_out_into_acts_exits_2(tmp_path: Path) -> None:
+    write_series(tmp_path / "acts", steps=(0,))
+    acts = str(tmp_path / "acts")
+
+    code, stdout, stderr = run_fit(acts, "--out", acts, "--quiet")
+
+    assert code == 2
+    assert stdout == ""
+    assert stderr.startswith(f"Error: the reports folder {acts} is the activations")
+    assert "such as --out reports" in stderr
+
+
 def test_fit_missing_folder_exits_2(tmp_path: Path) -> None:
     code, _, stderr = run_fit(str(tmp_path / "nothing"), "--out", str(tmp_path / "o"))
     assert code == 2

@@ -454,6 +454,34 @@ def test_folder_without_shards(tmp_path: Path) -> None:
         fit(tmp_path / "acts", tmp_path / "out")
 
 
+def test_reports_folder_as_acts_dir(tmp_path: Path) -> None:
+    write_series(tmp_path / "acts", steps=(0,))
+    fit(tmp_path / "acts", tmp_path / "reports")
+
+    with pytest.raises(InvalidInputError) as raised:
+        fit(tmp_path / "reports", tmp_path / "rr")
+
+    message = str(raised.value)
+    assert "contains index.json" in message
+    assert "looks like a reports folder of `probecvx fit`" in message
+    assert "--out folder of `probecvx extract`" in message
+    assert "--out reports" not in message
+    assert not (tmp_path / "rr").exists()
+
+
+@pytest.mark.parametrize("spelling", ["same", "dot"])
+def test_out_dir_equal_to_acts_dir(tmp_path: Path, spelling: str) -> None:
+    acts = tmp_path / "acts"
+    write_series(acts, steps=(0,))
+    out = acts if spelling == "same" else acts / "."
+    shards_before = sorted(path.name for path in acts.iterdir())
+
+    with pytest.raises(InvalidInputError, match=r"is the activations folder"):
+        fit(acts, out)
+
+    assert sorted(path.name for path in acts.iterdir()) == shards_before
+
+
 @pytest.mark.parametrize(
     ("kwargs", "match"),
     [
