@@ -194,6 +194,27 @@ def test_extract_warns_of_small_split(checkpoint_dir: Path, tmp_path: Path) -> N
     assert "--split" in result.stderr
 
 
+def test_extract_warns_of_class_without_train_rows(
+    checkpoint_dir: Path, tmp_path: Path
+) -> None:
+    data = tmp_path / "split.npz"
+    labels = np.arange(30) % 3
+    # Rows 0-9 are val, 10-19 test, and the train rows 20-29 hold no class 2.
+    split = np.repeat([1, 2, 0], 10)
+    split[(split == 0) & (labels == 2)] = 2
+    np.savez(data, x=dyadic_inputs(30, seed=1), y=labels, split=split)
+
+    result = invoke(*extract_args(checkpoint_dir, data, tmp_path / "acts", "--quiet"))
+
+    assert result.exit_code == 0, result.output
+    lines = [line for line in result.stderr.splitlines() if "train rows" in line]
+    assert len(lines) == 1
+    assert lines[0].startswith(
+        "Warning: dataset 'split.npz' has 1 of 3 classes without train rows ('2')"
+    )
+    assert "--split" in lines[0]
+
+
 def test_extract_options_reach_shards(
     checkpoint_dir: Path, tiny_data_file: Path, tmp_path: Path
 ) -> None:

@@ -5,12 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+import numpy as np
 
 from probecvx.checkpoints import resolve_model_factory
 from probecvx.claims import DEFAULT_CLAIM_TIMEOUT
 from probecvx.cli import main, verbose_option
 from probecvx.cluster import HDF5_LOCKING_MODES, resolve_shard
-from probecvx.datasets import load_dataset, parse_split, small_split_warning
+from probecvx.datasets import (
+    SPLIT_CODES,
+    ProbeDataset,
+    load_dataset,
+    parse_split,
+    small_split_warning,
+)
 from probecvx.errors import ProbecvxError
 from probecvx.extract import ExtractSummary, ShardRecord, extract_checkpoints
 from probecvx.shards import STORAGE_DTYPES
@@ -209,6 +216,9 @@ def extract_command(
     split_warning = small_split_warning(dataset)
     if split_warning is not None:
         click.echo(f"Warning: {split_warning}", err=True)
+    train_warning = missing_train_classes_warning(dataset)
+    if train_warning is not None:
+        click.echo(f"Warning: {train_warning}", err=True)
 
     summary = extract_checkpoints(
         checkpoint_dir,
@@ -233,6 +243,29 @@ def extract_command(
     )
     if summary.failed:
         raise ProbecvxError(_failure_line(summary))
+
+
+#: Classes named in the warning about classes without train rows.
+LISTED_CLASSES = 10
+
+
+def missing_train_classes_warning(dataset: ProbeDataset) -> str | None:
+    """Return a warning naming the classes without train rows, or None."""
+    train_labels = dataset.labels[dataset.split == SPLIT_CODES["train"]]
+    counts = np.bincount(train_labels, minlength=len(dataset.class_names))
+    missing = [dataset.class_names[int(i)] for i in np.flatnonzero(counts == 0)]
+    if not missing:
+        return None
+    names = ", ".join(map(repr, missing[:LISTED_CLASSES]))
+    if len(missing) > LISTED_CLASSES:
+        names += f" and {len(missing) - LISTED_CLASSES} more"
+    return (
+        f"dataset {dataset.name!r} has {len(missing)} of "
+        f"{len(dataset.class_names)} classes without train rows ({names}), so "
+        "probes fitted on these shards never predict them. Fix the split: give "
+        "train a larger fraction with --split, use more rows with --limit, or "
+        "put rows of every class in train in the data's own split"
+    )
 
 
 def _echo_record(record: ShardRecord) -> None:
