@@ -616,7 +616,7 @@ def test_class_note_lists_ten_missing_classes() -> None:
 
 def test_class_without_train_rows_warns_once(tmp_path: Path) -> None:
     labels, split = toy_targets()
-    # Every eel row of train moves to test, so no probe sees an eel in train.
+    # Every eel row of train moves to test, so no probe trains on an eel.
     split = np.where((labels == 2) & (split == 0), 2, split).astype(np.uint8)
     for index, step in enumerate((0, 10)):
         sites = {

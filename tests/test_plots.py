@@ -260,13 +260,13 @@ def test_write_report_figures_failure_removes_new_folder(
 
     # The heatmap is the first figure, so this run fails before writing any.
     monkeypatch.setattr(plots, "plot_training_heatmap", fail)
-    kept = tmp_path / "kept"
-    kept.mkdir()
+    existing = tmp_path / "existing"
+    existing.mkdir()
 
     with pytest.raises(OSError, match="disk full"):
         plots.write_report_figures(records, tmp_path / "new" / "figures")
     with pytest.raises(OSError, match="disk full"):
-        plots.write_report_figures(records, kept)
+        plots.write_report_figures(records, existing)
 
     assert not (tmp_path / "new").exists()
-    assert kept.is_dir()
+    assert existing.is_dir()

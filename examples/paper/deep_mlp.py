@@ -94,7 +94,7 @@ SIZE_SETTINGS = {
         site_stride=1,
         probe_Cs=(0.01, 0.1, 1.0),
         # With 3e-4 the skip variant's train error swung between 8% and 62%
-        # from step 500 on; with 1e-4 it fell to 0 by step 3000 on digits.
+        # from step 500 on. With 1e-4 it fell to 0 by step 3000 on digits.
         learning_rates={"aux": 3e-4, "skip": 1e-4},
     ),
 }
