@@ -96,6 +96,7 @@ from probecvx.probe import (
     UnitTask,
     error_text,
     fit_unit,
+    list_class_names,
     new_entry,
 )
 from probecvx.shards import SHARD_SUFFIX, ShardInfo, read_shard_info, read_targets
@@ -1708,9 +1709,7 @@ def _warn_no_train_rows(summary: FitSummary, states: dict[str, _Checkpoint]) -> 
     first_checkpoint = summary.no_train_rows[0][0]
     state = states[first_checkpoint]
     missing = state.classes_without_train_rows
-    names = ", ".join(map(repr, missing[:_LISTED_CLASSES]))
-    if len(missing) > _LISTED_CLASSES:
-        names += f" and {len(missing) - _LISTED_CLASSES} more"
+    names = list_class_names(missing)
     n_checkpoints = len({checkpoint for checkpoint, _ in summary.no_train_rows})
     checkpoints = f"{n_checkpoints} checkpoint{'' if n_checkpoints == 1 else 's'}"
     warnings.warn(
@@ -1725,10 +1724,6 @@ def _warn_no_train_rows(summary: FitSummary, states: dict[str, _Checkpoint]) -> 
         SplitWarning,
         stacklevel=3,
     )
-
-
-#: Classes named in the warning about classes without train rows.
-_LISTED_CLASSES = 10
 
 
 def _name_probes(probes: Sequence[tuple[str, str]], max_shown: int = 5) -> str:

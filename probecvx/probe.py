@@ -441,8 +441,16 @@ def _finite_or_none(
     return None
 
 
-#: Classes named in the note about classes without train rows; the rest are counted.
-_LISTED_CLASSES = 10
+#: Classes named in messages about classes without train rows; the rest are counted.
+LISTED_CLASSES = 10
+
+
+def list_class_names(names: Sequence[str]) -> str:
+    """Return the first :data:`LISTED_CLASSES` names quoted, and how many remain."""
+    text = ", ".join(map(repr, names[:LISTED_CLASSES]))
+    if len(names) > LISTED_CLASSES:
+        text += f" and {len(names) - LISTED_CLASSES} more"
+    return text
 
 
 def _class_notes(y_train: np.ndarray, class_names: Sequence[str]) -> list[str]:
@@ -450,9 +458,7 @@ def _class_notes(y_train: np.ndarray, class_names: Sequence[str]) -> list[str]:
     missing = [class_names[int(code)] for code in np.flatnonzero(counts == 0)]
     if not missing:
         return []
-    names = ", ".join(map(repr, missing[:_LISTED_CLASSES]))
-    if len(missing) > _LISTED_CLASSES:
-        names += f" and {len(missing) - _LISTED_CLASSES} more"
+    names = list_class_names(missing)
     return [
         f"{len(missing)} of {len(class_names)} classes have no train rows "
         f"({names}); the probe never predicts them"
