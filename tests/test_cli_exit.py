@@ -221,30 +221,7 @@ def test_sigint_during_extract(
 
 def test_sigint_during_fit_with_workers(tmp_path: Path) -> None:
     acts, out = tmp_path / "acts", tmp_path / "out"
-    write_series(acts, steps=(0, 10, 20, 30))
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "probecvx",
-            "fit",
-            str(acts),
-            "--out",
-            str(out),
-            "--jobs",
-            "2",
-            "--plugin",
-            "tests.faultplugin",
-            "--solver",
-            "slow",
-            "--quiet",
-        ],
-        env=ENV,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    process = start_slow_fit(acts, out)
     try:
         started = wait_for(lambda: any(out.glob(".units/*/*.json")), timeout=120)
         # A terminal sends Ctrl-C to the whole foreground process group.

@@ -70,10 +70,10 @@ _CPU_BLOCK_BYTES = 4 * 2**20
 _GPU_BLOCK_BYTES = 512 * 2**20
 _MIN_BLOCK_ROWS = 256
 # Probes times classes up to which loss_grad runs the fused kernel. With 10
-# columns, one OpenBLAS thread ran the two GEMMs of a 20k x 512 pass at a
-# quarter of the speed of 80 columns. In blocks that stay in the L2 cache the
-# pass took half the time, on 2 to 100 classes. With 80 or 100 columns the
-# fused kernel was no faster than the wide GEMMs of the numpy path.
+# columns, one OpenBLAS thread ran the GEMMs of a 20k x 512 pass at a quarter
+# of the speed of 80 columns. In blocks that stay in the L2 cache the pass
+# took half the time with 10 columns and a third with 2. With 80 or 100
+# columns the fused kernel was no faster than the numpy path's wide GEMMs.
 _FUSED_MAX_WIDTH = 32
 # The bytes of X in one block of the fused kernel, and its bounds in rows.
 _FUSED_BLOCK_BYTES = 256 * 2**10
