@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner, Result
 
 from probecvx.atomic import TEMP_PREFIX
-from probecvx.cli import main
+from probecvx.cli import Terminated, main
 from probecvx.fit import read_unit_file
 from tests.test_fit import SOLVER, write_series
 from tests.tinymodels import TINY_MODEL_SPEC, dyadic_inputs
@@ -187,6 +187,47 @@ def test_interrupt_exits_130_in_process(
     assert result.stderr.splitlines()[-1].startswith("Interrupted; ")
     assert "Aborted" not in result.stderr
     assert result.stdout == ""
+
+
+class RaisesWhenCollected:
+    """An object whose ``__del__`` raises, where Python cannot propagate it."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __del__(self) -> None:
+        raise self.error
+
+
+@pytest.mark.parametrize(
+    ("error", "exit_code", "message"),
+    [
+        (KeyboardInterrupt(), 130, "Interrupted; "),
+        (Terminated(), 143, "Terminated; "),
+    ],
+)
+def test_interrupt_dropped_in_del_still_stops_the_command(
+    checkpoint_dir: Path,
+    tiny_data_file: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    error: BaseException,
+    exit_code: int,
+    message: str,
+) -> None:
+    def drop_interrupt(*args: object, **kwargs: object) -> None:
+        RaisesWhenCollected(error)
+        time.sleep(10)
+
+    monkeypatch.setattr("probecvx.cli.extract.extract_checkpoints", drop_interrupt)
+    started = time.monotonic()
+    result = invoke(*extract_args(checkpoint_dir, tiny_data_file, tmp_path / "acts"))
+
+    assert result.exit_code == exit_code, result.output
+    assert time.monotonic() - started < 5
+    assert result.stderr.splitlines()[-1].startswith(message)
+    assert "Exception ignored" not in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_sigint_during_extract(

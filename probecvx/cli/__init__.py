@@ -61,6 +61,56 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated
 
 
+#: How long to wait before sending a dropped interrupt again: long enough for
+#: the code that dropped it, and the hook itself, to have returned.
+REDELIVERY_DELAY = 0.01
+
+
+class _RedeliverStop:
+    """Raise an interrupt again that Python had to drop, instead of printing it.
+
+    A signal's exception is raised wherever the main thread is. When that is a
+    weakref callback or a ``__del__`` method, for instance during a garbage
+    collection inside joblib, Python cannot propagate it, so it prints
+    "Exception ignored in ..." with a traceback and goes on.
+
+    Installed as :data:`sys.unraisablehook` while a command runs, this sends
+    the signal to the main thread again from a timer thread, so that it is
+    raised where it can unwind the stack. A signal sent from the hook itself
+    would be raised inside the hook and dropped again. Other unraisable
+    exceptions go to the hook installed before.
+    """
+
+    def __init__(self, previous: Callable[[Any], object]) -> None:
+        self.previous = previous
+        self.timers: list[threading.Timer] = []
+
+    def __call__(self, unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            self._send_later(signal.SIGINT)
+        elif isinstance(unraisable.exc_value, Terminated):
+            # The first SIGTERM set the handler to ignore further ones.
+            signal.signal(signal.SIGTERM, _raise_terminated)
+            self._send_later(signal.SIGTERM)
+        else:
+            self.previous(unraisable)
+
+    def cancel(self) -> None:
+        """Send nothing more: the command has ended."""
+        for timer in self.timers:
+            timer.cancel()
+
+    def _send_later(self, signum: int) -> None:
+        main_thread = threading.main_thread().ident
+        assert main_thread is not None
+        timer = threading.Timer(
+            REDELIVERY_DELAY, signal.pthread_kill, args=(main_thread, signum)
+        )
+        timer.daemon = True
+        self.timers.append(timer)
+        timer.start()
+
+
 VERBOSE_HELP = "Log more to stderr (-v info, -vv debug)."
 _VERBOSE_KEY = "probecvx.verbose"
 
@@ -136,8 +186,9 @@ def show_warning(
 class _Group(click.Group):
     """A click group that turns library errors, Ctrl-C and SIGTERM into exit codes.
 
-    While a command runs, warnings are printed by :func:`show_warning`, and
-    SIGTERM raises :class:`Terminated` in the main thread.
+    While a command runs, warnings are printed by :func:`show_warning`,
+    SIGTERM raises :class:`Terminated` in the main thread, and an interrupt
+    that Python dropped is sent again by :class:`_RedeliverStop`.
     """
 
     def invoke(self, ctx: click.Context) -> Any:
@@ -146,6 +197,9 @@ class _Group(click.Group):
         previous_handler = signal.getsignal(signal.SIGTERM)
         if in_main_thread:
             signal.signal(signal.SIGTERM, _raise_terminated)
+        previous_unraisablehook = sys.unraisablehook
+        redeliver = _RedeliverStop(previous_unraisablehook)
+        sys.unraisablehook = redeliver
         log_handler = _install_log_handler()
         try:
             # catch_warnings restores the previous showwarning afterwards, which
@@ -165,6 +219,8 @@ class _Group(click.Group):
             click.echo(TERMINATED_MESSAGE, err=True)
             ctx.exit(TERMINATED_EXIT_CODE)
         finally:
+            redeliver.cancel()
+            sys.unraisablehook = previous_unraisablehook
             _remove_log_handler(log_handler)
             if in_main_thread:
                 # getsignal returns None for a handler not set from Python.
