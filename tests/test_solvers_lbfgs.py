@@ -411,12 +411,15 @@ def direct_loss_grad(
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
-@pytest.mark.parametrize(("m", "k"), [(1, 2), (1, 10), (3, 10), (8, 5)])
+@pytest.mark.parametrize(("m", "k"), [(1, 2), (1, 10), (3, 10), (8, 5), (2, 40)])
+@pytest.mark.parametrize("block_rows", [None, 300])
 def test_numpy_evaluator_paths_match_direct(
-    seed: int, dtype: type, m: int, k: int
+    seed: int, dtype: type, m: int, k: int, block_rows: int | None
 ) -> None:
     # (1, 2) to (3, 10) run the fused kernel, 8 probes of 5 classes the wide
-    # GEMMs, and float16 always the wide GEMMs on float32 blocks.
+    # GEMMs with the compiled softmax, 2 probes of 40 classes the wide GEMMs
+    # with numpy's softmax. float16 always runs the wide GEMMs on float32
+    # blocks. 300 rows per block leave a last block of 101 rows.
     rng = np.random.default_rng(seed)
     X, y = make_problem(rng, n=1001, d=37, k=k, dtype=dtype)
     coef = 0.3 * rng.standard_normal((m, k, 37))
@@ -425,9 +428,10 @@ def test_numpy_evaluator_paths_match_direct(
     n = len(y)
 
     loss, grad_coef, grad_intercept = direct_loss_grad(X, y, coef, intercept)
-    objective, got_coef, got_intercept = NumpyEvaluator(X, y, k).loss_grad(
-        coef, intercept, Cs
-    )
+    evaluator = NumpyEvaluator(X, y, k, block_rows)
+    evaluator.loss_grad(coef, intercept, Cs)
+    # The second call reuses the first one's buffers.
+    objective, got_coef, got_intercept = evaluator.loss_grad(coef, intercept, Cs)
 
     penalty = (coef**2).sum(axis=(1, 2)) / (2 * Cs * n)
     rtol = 1e-12 if dtype == np.float64 else 1e-5

@@ -183,6 +183,58 @@ def run_epoch(
 
 
 @njit(cache=True, fastmath=False)
+def softmax_residual(
+    logits: np.ndarray,
+    y: np.ndarray,
+    bias: np.ndarray,
+    n_classes: int,
+    grad_intercept: np.ndarray,
+    loss: np.ndarray,
+) -> None:
+    """Turn a block's logits into the residual ``softmax - onehot``, in place.
+
+    The softmax is computed in float64 whatever the dtype of ``logits``.
+
+    Parameters
+    ----------
+    logits : ndarray of shape (rows, m * n_classes), float32 or float64
+        ``X_block @ weights`` without the bias; overwritten by the residual.
+    y : ndarray of shape (rows,)
+        Local class indices of the block's rows.
+    bias : ndarray of shape (m * n_classes,), float64
+    n_classes : int
+    grad_intercept : ndarray of shape (m, n_classes), float64
+        Receives the sum over rows of the residual.
+    loss : ndarray of shape (m,), float64
+        Receives the summed cross-entropy of each probe.
+    """
+    width = logits.shape[1]
+    n_probes = width // n_classes
+    shifted = np.empty(n_classes)
+    for i in range(logits.shape[0]):
+        label = y[i]
+        for probe in range(n_probes):
+            offset = probe * n_classes
+            shift = -np.inf
+            for k in range(n_classes):
+                shifted[k] = logits[i, offset + k] + bias[offset + k]
+                if shifted[k] > shift:
+                    shift = shifted[k]
+            true_logit = shifted[label]
+            total = 0.0
+            for k in range(n_classes):
+                shifted[k] = np.exp(shifted[k] - shift)
+                total += shifted[k]
+            loss[probe] += np.log(total) + shift - true_logit
+            for k in range(n_classes):
+                value = shifted[k] / total
+                if k == label:
+                    value -= 1.0
+                logits[i, offset + k] = value
+                grad_intercept[probe, k] += value
+
+
+@njit(cache=True, fastmath=False)
 def loss_grad_blocks(
     X: np.ndarray,
     y: np.ndarray,
@@ -221,37 +273,13 @@ def loss_grad_blocks(
     """
     n, d = X.shape
     width = weights.shape[1]
-    n_probes = width // n_classes
-    loss = np.zeros(n_probes)
-    residual = np.empty((block_rows, width), dtype=X.dtype)
-    shifted = np.empty(n_classes)
-
+    loss = np.zeros(width // n_classes)
     for start in range(0, n, block_rows):
         stop = min(start + block_rows, n)
         rows = X[start:stop]
-        logits = np.dot(rows, weights)
-        for i in range(stop - start):
-            label = y[start + i]
-            for probe in range(n_probes):
-                offset = probe * n_classes
-                shift = -np.inf
-                for k in range(n_classes):
-                    shifted[k] = logits[i, offset + k] + bias[offset + k]
-                    if shifted[k] > shift:
-                        shift = shifted[k]
-                total = 0.0
-                for k in range(n_classes):
-                    shifted[k] = np.exp(shifted[k] - shift)
-                    total += shifted[k]
-                true_logit = logits[i, offset + label] + bias[offset + label]
-                loss[probe] += np.log(total) + shift - true_logit
-                for k in range(n_classes):
-                    value = shifted[k] / total
-                    if k == label:
-                        value -= 1.0
-                    residual[i, offset + k] = value
-                    grad_intercept[probe, k] += value
-        block_grad = np.dot(residual[: stop - start].T, rows)
+        residual = np.dot(rows, weights)
+        softmax_residual(residual, y[start:stop], bias, n_classes, grad_intercept, loss)
+        block_grad = np.dot(residual.T, rows)
         for row in range(width):
             for j in range(d):
                 grad[row, j] += block_grad[row, j]

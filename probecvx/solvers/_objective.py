@@ -12,7 +12,9 @@ GEMM, so a pass reads ``X`` from memory once, and the only buffers are a few
 ``(block_rows, m * K)`` arrays, whatever the number of rows. When ``m * K``
 is small, :func:`~probecvx.solvers._kernels.loss_grad_blocks` runs the same
 steps on smaller blocks in one compiled call, because narrow GEMMs are slow
-and a Python loop over small blocks costs more than it saves.
+and a Python loop over small blocks costs more than it saves. With few classes
+per probe, the softmax of a wider block runs in the compiled
+:func:`~probecvx.solvers._kernels.softmax_residual`.
 
 Precision: the GEMMs run in the data's dtype (float32 data is never copied to
 float64), while the softmax, the loss sums and the accumulation of the gradient
@@ -32,7 +34,7 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from probecvx.errors import SolverError
-from probecvx.solvers._kernels import loss_grad_blocks
+from probecvx.solvers._kernels import loss_grad_blocks, softmax_residual
 
 if TYPE_CHECKING:
     import torch
@@ -75,6 +77,10 @@ _MIN_BLOCK_ROWS = 256
 # took half the time with 10 columns and a third with 2. With 80 or 100
 # columns the fused kernel was no faster than the numpy path's wide GEMMs.
 _FUSED_MAX_WIDTH = 32
+# Classes per probe below which the softmax of a wider pass runs in the numba
+# kernel. numpy's reductions over a few classes per row cost as much as the
+# GEMMs, but with 100 classes its vectorised exp made numpy the faster one.
+_KERNEL_SOFTMAX_MAX_CLASSES = 32
 # The bytes of X in one block of the fused kernel, and its bounds in rows.
 _FUSED_BLOCK_BYTES = 256 * 2**10
 _FUSED_ROWS = (64, 1024)
@@ -351,6 +357,7 @@ class NumpyEvaluator:
         low, high = _FUSED_ROWS
         fitting = _FUSED_BLOCK_BYTES // max(1, self.n_features * itemsize)
         self._fused_rows = block_rows or min(high, max(low, fitting))
+        self._buffers: tuple[np.ndarray, np.ndarray] | None = None
 
     def _blocks(self) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         # A generator, so that a dtype conversion holds one block at a time.
@@ -378,13 +385,26 @@ class NumpyEvaluator:
         m, k, d = coef.shape
         return coef.reshape(m * k, d).T.astype(self.dtype)
 
+    def _logits_buffers(self, width: int) -> tuple[np.ndarray, np.ndarray]:
+        """Return a block's logits buffers in the GEMM dtype and in float64.
+
+        For float64 data both are one array. They are kept for the next call
+        with the same number of columns.
+        """
+        if self._buffers is None or self._buffers[0].shape[1] != width:
+            rows = min(self.block_rows, self.n_samples)
+            gemm = np.empty((rows, width), dtype=self.dtype)
+            wide = gemm if self.dtype == np.float64 else np.empty((rows, width))
+            self._buffers = (gemm, wide)
+        return self._buffers
+
     def loss_grad(
         self, coef: np.ndarray, intercept: np.ndarray, Cs: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Return the objective and its gradient; see :class:`Evaluator`."""
         m, k, d = coef.shape
         weights = self._stacked_weights(coef)
-        bias = intercept.reshape(1, m * k)
+        bias = np.ascontiguousarray(intercept.reshape(m * k), dtype=np.float64)
         loss = np.zeros(m)
         grad_stacked = np.zeros((m * k, d))
         grad_intercept = np.zeros((m, k))
@@ -394,7 +414,7 @@ class NumpyEvaluator:
                 self._fused_X,
                 self.y,
                 np.ascontiguousarray(weights),
-                np.ascontiguousarray(bias[0], dtype=np.float64),
+                bias,
                 k,
                 self._fused_rows,
                 grad_stacked,
@@ -404,26 +424,23 @@ class NumpyEvaluator:
                 loss, grad_stacked, grad_intercept, coef, Cs, self.n_samples
             )
 
+        # The GEMMs write into buffers reused across blocks and calls, because
+        # the page faults of fresh arrays cost about a fifth of a pass with
+        # 100 classes.
+        residual_block, logits_block = self._logits_buffers(m * k)
+        residual_grad = np.empty((m * k, d), dtype=self.dtype)
         for rows, labels in self._blocks():
-            # Softmax in float64 on this block's logits, shape (rows, m, K).
-            logits = (rows @ weights).astype(np.float64)
-            logits += bias
-            logits3 = logits.reshape(len(rows), m, k)
-            index = np.arange(len(rows))
-            true_logit = logits3[index, :, labels]
-            shift = logits3.max(axis=2, keepdims=True)
-            logits3 -= shift
-            np.exp(logits3, out=logits3)
-            norm = logits3.sum(axis=2)
-            loss += (np.log(norm) + shift[:, :, 0] - true_logit).sum(axis=0)
-
-            # The residual softmax - onehot, in place; its GEMM with the
-            # block gives the gradient, accumulated across blocks in float64.
-            logits3 /= norm[:, :, None]
-            logits3[index, :, labels] -= 1.0
-            grad_intercept += logits3.sum(axis=0)
-            residual = logits.astype(self.dtype, copy=False)
-            grad_stacked += residual.T @ rows
+            residual = residual_block[: len(rows)]
+            np.matmul(rows, weights, out=residual)
+            if k < _KERNEL_SOFTMAX_MAX_CLASSES:
+                softmax_residual(residual, labels, bias, k, grad_intercept, loss)
+            else:
+                logits = logits_block[: len(rows)]
+                _numpy_softmax_residual(
+                    residual, logits, labels, bias, k, grad_intercept, loss
+                )
+            np.matmul(residual.T, rows, out=residual_grad)
+            grad_stacked += residual_grad
 
         return _add_penalty(
             loss, grad_stacked, grad_intercept, coef, Cs, self.n_samples
@@ -599,6 +616,39 @@ class TorchEvaluator:
 
         n = self.n_samples
         return loss.cpu().numpy() / n, wrong.cpu().numpy() / n
+
+
+def _numpy_softmax_residual(
+    residual: np.ndarray,
+    logits: np.ndarray,
+    labels: np.ndarray,
+    bias: np.ndarray,
+    n_classes: int,
+    grad_intercept: np.ndarray,
+    loss: np.ndarray,
+) -> None:
+    """Do what :func:`~probecvx.solvers._kernels.softmax_residual` does, in numpy.
+
+    ``logits`` is a float64 buffer of the shape of ``residual``, or
+    ``residual`` itself when that is float64.
+    """
+    if logits is not residual:
+        np.copyto(logits, residual)
+    logits += bias
+    rows = len(logits)
+    logits3 = logits.reshape(rows, -1, n_classes)
+    index = np.arange(rows)
+    true_logit = logits3[index, :, labels]
+    shift = logits3.max(axis=2, keepdims=True)
+    logits3 -= shift
+    np.exp(logits3, out=logits3)
+    norm = logits3.sum(axis=2)
+    loss += (np.log(norm) + shift[:, :, 0] - true_logit).sum(axis=0)
+    logits3 /= norm[:, :, None]
+    logits3[index, :, labels] -= 1.0
+    grad_intercept += logits3.sum(axis=0)
+    if logits is not residual:
+        np.copyto(residual, logits, casting="same_kind")
 
 
 def _add_penalty(
