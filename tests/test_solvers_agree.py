@@ -119,26 +119,35 @@ def sklearn_optimum(
 
 
 def solver_params() -> list[object]:
-    """Every registered solver, plus the torch path of lbfgs on CPU and CUDA."""
+    """Every registered solver, plus lbfgs's torch path and low-rank preconditioner.
+
+    The torch path runs on CPU, and on CUDA where a device is present.
+    """
     params: list[object] = [pytest.param(name, id=name) for name in available_solvers()]
     params.append(pytest.param("lbfgs@cpu-torch", id="lbfgs@cpu-torch"))
-    params.append(
-        pytest.param(
-            "lbfgs@cuda",
-            id="lbfgs@cuda",
-            marks=pytest.mark.skipif(
-                not torch.cuda.is_available(), reason="needs a CUDA device"
-            ),
+    params.append(pytest.param("lbfgs-lowrank", id="lbfgs-lowrank"))
+    params.append(pytest.param("lbfgs-lowrank@cpu-torch", id="lbfgs-lowrank@cpu-torch"))
+    for name in ("lbfgs@cuda", "lbfgs-lowrank@cuda"):
+        params.append(
+            pytest.param(
+                name,
+                id=name,
+                marks=pytest.mark.skipif(
+                    not torch.cuda.is_available(), reason="needs a CUDA device"
+                ),
+            )
         )
-    )
     return params
 
 
 def make_solver(name: str) -> Solver:
-    if name == "lbfgs@cpu-torch":
-        return LbfgsSolver(device="cpu")
-    if name == "lbfgs@cuda":
-        return LbfgsSolver(device="cuda")
+    """Return the solver of a :func:`solver_params` name."""
+    if name.startswith("lbfgs") and name != "lbfgs":
+        method, _, device = name.partition("@")
+        preconditioner = "lowrank" if method == "lbfgs-lowrank" else "auto"
+        return LbfgsSolver(
+            device=device.removesuffix("-torch") or None, preconditioner=preconditioner
+        )
     return get_solver(name)
 
 

@@ -26,7 +26,7 @@ from probecvx.solvers._objective import (
     scaled_gradient_max,
 )
 from probecvx.solvers.auto import AutoSolver, choose_engine
-from probecvx.solvers.lbfgs import LbfgsSolver
+from probecvx.solvers.lbfgs import LbfgsSolver, _pick_preconditioner, _top_eigenpairs
 
 GAP = 1e-6
 
@@ -81,12 +81,23 @@ def relative_gap(
     return (ours - best) / best, best
 
 
-@pytest.mark.parametrize("preconditioner", ["covariance", "diagonal"])
+def small_low_rank(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the low-rank preconditioner keep 3 directions from 150 sampled rows."""
+    monkeypatch.setattr("probecvx.solvers.lbfgs._LOW_RANK", 3)
+    monkeypatch.setattr("probecvx.solvers.lbfgs._LOW_RANK_ROWS", 150)
+
+
+@pytest.mark.parametrize("preconditioner", ["covariance", "lowrank", "diagonal"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("C", [0.05, 1.0, 20.0])
 def test_lbfgs_matches_sklearn(
-    seed: int, dtype: type, C: float, preconditioner: str
+    seed: int,
+    dtype: type,
+    C: float,
+    preconditioner: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    small_low_rank(monkeypatch)
     rng = np.random.default_rng(seed)
     X, y = make_problem(rng, n=300, d=8, k=4, dtype=dtype)
     solver = LbfgsSolver(preconditioner=preconditioner)
@@ -171,12 +182,15 @@ def test_lbfgs_constant_column(seed: int) -> None:
     assert abs(gap) <= GAP
 
 
-@pytest.mark.parametrize("preconditioner", ["covariance", "diagonal"])
+@pytest.mark.parametrize("preconditioner", ["covariance", "lowrank", "diagonal"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_lbfgs_huge_column_scale(seed: int, dtype: type, preconditioner: str) -> None:
+def test_lbfgs_huge_column_scale(
+    seed: int, dtype: type, preconditioner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # scikit-learn's lbfgs needs thousands of iterations here and still stops
     # short, so the reference is a float64 fit at a tight tolerance, and the
     # gradient is checked in float64 independently of the solver.
+    small_low_rank(monkeypatch)
     rng = np.random.default_rng(seed)
     X, y = make_problem(rng, n=300, d=6, k=3)
     X[:, :2] *= 1e4
@@ -324,8 +338,14 @@ def test_lbfgs_rejects_unknown_preconditioner() -> None:
         LbfgsSolver(preconditioner="newton")
 
 
-def test_lbfgs_covariance_preconditioner_saves_passes(seed: int) -> None:
-    # Strongly correlated features: a few latent factors mixed into many.
+@pytest.mark.parametrize("preconditioner", ["covariance", "lowrank"])
+def test_lbfgs_preconditioner_saves_passes(
+    seed: int, preconditioner: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Strongly correlated features: a few latent factors mixed into many. The
+    # low-rank model keeps 6 of the 40 directions, from 300 of the 600 rows.
+    monkeypatch.setattr("probecvx.solvers.lbfgs._LOW_RANK", 6)
+    monkeypatch.setattr("probecvx.solvers.lbfgs._LOW_RANK_ROWS", 300)
     rng = np.random.default_rng(seed)
     latent, y = make_problem(rng, n=600, d=4, k=3, spread=1.5)
     X = latent @ rng.standard_normal((4, 40)) + 0.1 * rng.standard_normal((600, 40))
@@ -334,13 +354,42 @@ def test_lbfgs_covariance_preconditioner_saves_passes(seed: int) -> None:
     diagonal = LbfgsSolver(preconditioner="diagonal").fit(
         X, y, 3, [1.0], tol=DEFAULT_TOL, max_iter=2000
     )[0]
-    covariance = LbfgsSolver(preconditioner="covariance").fit(
+    modelled = LbfgsSolver(preconditioner=preconditioner).fit(
         X, y, 3, [1.0], tol=DEFAULT_TOL, max_iter=2000
     )[0]
 
-    assert covariance.converged
-    assert covariance.data_passes < diagonal.data_passes
-    assert covariance.objective == pytest.approx(diagonal.objective, rel=GAP)
+    assert modelled.converged
+    assert modelled.data_passes < diagonal.data_passes
+    assert modelled.objective == pytest.approx(diagonal.objective, rel=GAP)
+
+
+def test_top_eigenpairs_match_eigh(seed: int) -> None:
+    # Five large directions over a small isotropic rest, as in activations.
+    rng = np.random.default_rng(seed)
+    rows = rng.standard_normal((500, 5)) @ (3 * rng.standard_normal((5, 60)))
+    rows += 0.1 * rng.standard_normal((500, 60))
+    exact_values, exact_vectors = np.linalg.eigh(rows.T @ rows / 500)
+
+    values, vectors = _top_eigenpairs(rows, 5)
+
+    np.testing.assert_allclose(values, exact_values[::-1][:5], rtol=1e-8)
+    np.testing.assert_allclose(vectors.T @ vectors, np.eye(5), atol=1e-12)
+    overlap = np.abs(vectors.T @ exact_vectors[:, ::-1][:, :5])
+    np.testing.assert_allclose(overlap, np.eye(5), atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("n", "d", "n_classes", "expected"),
+    [
+        (20_000, 512, 10, "covariance"),
+        (50_000, 3136, 10, "lowrank"),
+        (1_000, 50_000, 2, "diagonal"),
+    ],
+)
+def test_pick_preconditioner_by_build_cost(
+    n: int, d: int, n_classes: int, expected: str
+) -> None:
+    assert _pick_preconditioner(n, d, n_classes, 1) == expected
 
 
 def test_lbfgs_rejects_nonpositive_c(seed: int) -> None:

@@ -300,6 +300,10 @@ class Evaluator(Protocol):
         """Return ``X^T X / n``, shape (n_features, n_features), float64."""
         ...
 
+    def sample_rows(self, indices: np.ndarray) -> np.ndarray:
+        """Return the rows at sorted ``indices`` on the host, in the GEMM dtype."""
+        ...
+
     def loss_error(
         self, coef: np.ndarray, intercept: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
@@ -379,6 +383,10 @@ class NumpyEvaluator:
         for rows, _ in self._blocks():
             total += rows.T @ rows
         return total / self.n_samples
+
+    def sample_rows(self, indices: np.ndarray) -> np.ndarray:
+        """Return the rows at sorted ``indices``, in the GEMM dtype."""
+        return np.asarray(self.X[indices], dtype=self.dtype)
 
     def _stacked_weights(self, coef: np.ndarray) -> np.ndarray:
         """Return ``coef`` as one ``(n_features, m * K)`` matrix in the GEMM dtype."""
@@ -555,6 +563,11 @@ class TorchEvaluator:
         for rows, _ in self._blocks():
             total += (rows.T @ rows).to(torch.float64)
         return total.cpu().numpy() / self.n_samples
+
+    def sample_rows(self, indices: np.ndarray) -> np.ndarray:
+        """Return the rows at sorted ``indices`` on the host, in the GEMM dtype."""
+        index = self.torch.from_numpy(indices).to(self.device)
+        return self.X[index].to(self.dtype).cpu().numpy()
 
     def _to_device(self, array: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
         return self.torch.from_numpy(np.ascontiguousarray(array)).to(

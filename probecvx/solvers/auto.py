@@ -33,7 +33,7 @@ from probecvx.solvers.base import (
     get_solver,
     register_solver,
 )
-from probecvx.solvers.lbfgs import LbfgsSolver
+from probecvx.solvers.lbfgs import LbfgsSolver, preconditioner_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -125,18 +125,25 @@ def gpu_free_bytes() -> int | None:
 
 
 def lbfgs_working_bytes(
-    n_features: int, n_classes: int, n_probes: int, itemsize: int, history: int
+    n_samples: int,
+    n_features: int,
+    n_classes: int,
+    n_probes: int,
+    itemsize: int,
+    history: int,
 ) -> int:
     """Estimate the bytes L-BFGS allocates besides the data matrix."""
     vector = n_classes * (n_features + 1) * 8
     state = n_probes * (2 * history + _LBFGS_EXTRA_VECTORS) * vector
     rows = default_block_rows(n_features, itemsize, on_gpu=False)
     # One block of X in the GEMM dtype, plus the block's logits of every
-    # probe: the GEMM output, its float64 copy and the residual for the GEMM.
+    # probe: the GEMM output and its float64 copy.
     block = rows * (n_features * itemsize + n_probes * n_classes * 16)
-    # The covariance preconditioner: the Gram matrix and its eigenvectors.
-    covariance = 2 * n_features * n_features * 8
-    return state + block + covariance
+    return (
+        state
+        + block
+        + preconditioner_bytes(n_samples, n_features, n_classes, n_probes, itemsize)
+    )
 
 
 class AutoSolver:
@@ -199,7 +206,7 @@ class AutoSolver:
         data_bytes = X.nbytes + (validation.X.nbytes if validation else 0)
         itemsize = 8 if X.dtype == np.float64 else 4
         working = lbfgs_working_bytes(
-            X.shape[1], n_classes, n_probes, itemsize, LbfgsSolver().history
+            X.shape[0], X.shape[1], n_classes, n_probes, itemsize, LbfgsSolver().history
         )
         return choose_engine(
             data_bytes=data_bytes,
