@@ -9,6 +9,8 @@ scikit-learn's at ``2 * C``.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -370,8 +372,13 @@ def test_top_eigenpairs_match_eigh(seed: int) -> None:
     rows += 0.1 * rng.standard_normal((500, 60))
     exact_values, exact_vectors = np.linalg.eigh(rows.T @ rows / 500)
 
-    values, vectors = _top_eigenpairs(rows, 5)
+    def blocks() -> Iterator[np.ndarray]:
+        # Uneven blocks, as a sample of rows ends in a short one.
+        yield from (rows[:200], rows[200:400], rows[400:])
 
+    values, vectors, trace = _top_eigenpairs(blocks, 500, 60, 5)
+
+    assert trace == pytest.approx(exact_values.sum(), rel=1e-10)
     np.testing.assert_allclose(values, exact_values[::-1][:5], rtol=1e-8)
     np.testing.assert_allclose(vectors.T @ vectors, np.eye(5), atol=1e-12)
     overlap = np.abs(vectors.T @ exact_vectors[:, ::-1][:, :5])

@@ -27,7 +27,7 @@ import math
 import time
 import warnings
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -71,6 +71,8 @@ _LOW_RANK = 128
 _LOW_RANK_OVERSAMPLING = 10
 _LOW_RANK_POWER_ITERATIONS = 2
 _LOW_RANK_ROWS = 4096
+# The bytes of the sampled rows converted to float64 at a time.
+_LOW_RANK_BLOCK_BYTES = 8 * 2**20
 # A curvature pair is stored only when s.y > _CURVATURE_EPS * |s| |y|.
 _CURVATURE_EPS = 1e-10
 # A probe has stalled when for _STALL_ITERS iterations neither has f fallen
@@ -609,24 +611,43 @@ class _LowRankPreconditioner:
         return np.concatenate([scaled.ravel(), vector[k * d :]])
 
 
-def _top_eigenpairs(rows: np.ndarray, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """Return the top ``rank`` eigenvalues and eigenvectors of ``rows^T rows / s``.
+def _top_eigenpairs(
+    blocks: Callable[[], Iterator[np.ndarray]], n_rows: int, d: int, rank: int
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Return the top eigenpairs and the trace of ``S^T S / s`` for rows ``S``.
 
-    Randomised subspace iteration: a seeded random basis, multiplied by
-    ``rows^T rows`` and orthonormalised a few times, spans the top
-    eigenvectors closely. The eigenpairs within that span are then exact.
-    The seed makes a fit reproducible.
+    ``blocks()`` yields the ``s = n_rows`` rows of ``S`` in float64 blocks,
+    and is called once per product with ``S^T S``, so that no copy of ``S``
+    is kept. Randomised subspace iteration: a seeded random basis, multiplied
+    by ``S^T S`` and orthonormalised a few times, spans the top eigenvectors
+    closely. The eigenpairs within that span are then exact. The seed makes
+    a fit reproducible.
+
+    Returns
+    -------
+    eigenvalues : ndarray of shape (r,), descending
+    eigenvectors : ndarray of shape (d, r), orthonormal columns
+    trace : float
     """
-    n_sampled, d = rows.shape
-    width = min(d, n_sampled, rank + _LOW_RANK_OVERSAMPLING)
-    start = np.random.default_rng(0).standard_normal((d, width))
-    basis, _ = np.linalg.qr(rows.T @ (rows @ start))
-    for _ in range(_LOW_RANK_POWER_ITERATIONS - 1):
-        basis, _ = np.linalg.qr(rows.T @ (rows @ basis))
-    sketch = rows @ basis
-    eigenvalues, rotation = np.linalg.eigh(sketch.T @ sketch / n_sampled)
+    width = min(d, n_rows, rank + _LOW_RANK_OVERSAMPLING)
+    trace = 0.0
+
+    def gram_times(basis: np.ndarray) -> np.ndarray:
+        nonlocal trace
+        product = np.zeros_like(basis)
+        trace = 0.0
+        for rows in blocks():
+            product += rows.T @ (rows @ basis)
+            trace += float(np.square(rows).sum())
+        return product / n_rows
+
+    basis = np.random.default_rng(0).standard_normal((d, width))
+    for _ in range(_LOW_RANK_POWER_ITERATIONS):
+        basis, _ = np.linalg.qr(gram_times(basis))
+    eigenvalues, rotation = np.linalg.eigh(basis.T @ gram_times(basis))
     top = np.argsort(eigenvalues)[::-1][: min(rank, width)]
-    return np.maximum(eigenvalues[top], 0.0), basis @ rotation[:, top]
+    vectors = basis @ rotation[:, top]
+    return np.maximum(eigenvalues[top], 0.0), vectors, trace / n_rows
 
 
 def _make_preconditioners(
@@ -663,15 +684,22 @@ def _make_preconditioners(
         mean_squares = train.column_mean_squares()
         n_sampled = min(n, _LOW_RANK_ROWS)
         picked = np.random.default_rng(0).choice(n, n_sampled, replace=False)
-        # In float32, a few columns a thousand times larger than the rest
-        # drown the other directions in rounding, so the sample is float64.
-        rows = train.sample_rows(np.sort(picked)).astype(np.float64)
-        eigenvalues, basis = _top_eigenpairs(rows, _LOW_RANK)
+        picked.sort()
+        block_rows = max(1, _LOW_RANK_BLOCK_BYTES // (8 * d))
+
+        def sampled_blocks() -> Iterator[np.ndarray]:
+            # In float32, a few columns a thousand times larger than the rest
+            # drown the other directions in rounding, so blocks are float64.
+            for start in range(0, n_sampled, block_rows):
+                indices = picked[start : start + block_rows]
+                yield train.sample_rows(indices).astype(np.float64)
+
+        eigenvalues, basis, trace = _top_eigenpairs(
+            sampled_blocks, n_sampled, d, _LOW_RANK
+        )
         # The trace of the sampled covariance, less its top eigenvalues, is
         # the sum of the remaining ones. Both come from the same rows, so the
         # sampling error of a few huge columns does not land in the rest.
-        trace = float(np.square(rows).sum()) / len(rows)
-        del rows
         n_rest = max(d - len(eigenvalues), 1)
         rest = max((trace - float(eigenvalues.sum())) / n_rest, 0.0)
         low_rank: list[_Preconditioner] = [
@@ -714,7 +742,7 @@ def _pick_preconditioner(n: int, d: int, n_classes: int, n_probes: int) -> str:
     if n * d * d + 10 * d**3 <= budget:
         return "covariance"
     rank = min(d, _LOW_RANK + _LOW_RANK_OVERSAMPLING)
-    if 10 * min(n, _LOW_RANK_ROWS) * d * rank <= budget:
+    if 12 * min(n, _LOW_RANK_ROWS) * d * rank <= budget:
         return "lowrank"
     return "diagonal"
 
@@ -728,11 +756,10 @@ def preconditioner_bytes(
         # The Gram matrix and its eigenvectors.
         return 2 * d * d * 8
     if kind == "lowrank":
-        # The sampled rows in their dtype and in float64, and the range
-        # finder's basis and products.
+        # One block of sampled rows, and the subspace iteration's basis,
+        # product and eigenvectors.
         width = min(d, _LOW_RANK + _LOW_RANK_OVERSAMPLING)
-        sample = min(n, _LOW_RANK_ROWS) * (d * (itemsize + 8) + width * 8)
-        return sample + 3 * d * width * 8
+        return 2 * _LOW_RANK_BLOCK_BYTES + 3 * d * width * 8
     return 2 * d * 8
 
 
