@@ -38,8 +38,15 @@ from sklearn.linear_model import LogisticRegression
 from threadpoolctl import threadpool_limits
 
 from probecvx.errors import ConvergenceWarning
-from probecvx.solvers import ProbeFit, available_solvers, get_solver, objective
+from probecvx.solvers import (
+    ProbeFit,
+    Solver,
+    available_solvers,
+    get_solver,
+    objective,
+)
 from probecvx.solvers._objective import ABSENT_INTERCEPT, DEFAULT_TOL, loss_and_gradient
+from probecvx.solvers.lbfgs import LbfgsSolver
 
 TARGET_GAP = 1e-6
 SKLEARN_METHODS = ("saga", "sag", "lbfgs")
@@ -333,6 +340,13 @@ def time_in_rounds(report: Report, X: np.ndarray, repeats: int) -> None:
             result.seconds = statistics.median(times[result.solver])
 
 
+def make_ours(name: str, device: str | None) -> Solver:
+    """Return the probecvx solver ``name``, with ``lbfgs`` on ``device`` if given."""
+    if name == "lbfgs" and device is not None:
+        return LbfgsSolver(device=device)
+    return get_solver(name)
+
+
 def ours_fit(
     name: str,
     X: np.ndarray,
@@ -341,11 +355,14 @@ def ours_fit(
     k: int,
     C: float,
     f_star: float,
+    device: str | None,
 ) -> FitFn:
+    solver = make_ours(name, device)
+
     def fit(tol: float, max_iter: int) -> tuple[float, float, int]:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)
-            result = get_solver(name).fit(X, y, k, [C], tol=tol, max_iter=max_iter)
+            result = solver.fit(X, y, k, [C], tol=tol, max_iter=max_iter)
         coef, intercept = result[0].coef, result[0].intercept
         gap = relative_gap(objective(X64, y, coef, intercept, C), f_star)
         return gap, result[0].data_passes, result[0].n_iter
@@ -380,10 +397,11 @@ def measure_extras(
     seed: int,
     shape: Shape | None,
     repeats: int,
+    device: str | None,
 ) -> Extras:
     """Measure 8 Cs against 1, warm against cold, and peak memory."""
     extras = Extras(name)
-    solver = get_solver(name)
+    solver = make_ours(name, device)
 
     def fit(
         Cs: Sequence[float],
@@ -448,7 +466,7 @@ def run_problem(
 
     for solver in args.ours:
         print(f"#   {solver}", file=sys.stderr)
-        fit = ours_fit(solver, X, X64, y, k, args.C, f_star)
+        fit = ours_fit(solver, X, X64, y, k, args.C, f_star, args.device)
 
         def by_tol(tol: float, fit: FitFn = fit) -> tuple[float, float, int]:
             return fit(tol, 10_000)
@@ -476,7 +494,9 @@ def run_problem(
     for solver in args.extras:
         print(f"#   extras of {solver}", file=sys.stderr)
         report.extras.append(
-            measure_extras(solver, X, y, k, args.C, args.seed, shape, args.repeats)
+            measure_extras(
+                solver, X, y, k, args.C, args.seed, shape, args.repeats, args.device
+            )
         )
 
     # A solver that beat the reference shows that f* was not tight: report it.
@@ -581,6 +601,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "before giving up",
     )
     parser.add_argument("--threads", type=int, default=None, help="BLAS threads")
+    parser.add_argument(
+        "--device",
+        default=None,
+        help="torch device for probecvx's lbfgs, such as cuda (default: numpy on "
+        "the CPU); the other solvers run on the CPU",
+    )
     parser.add_argument("--seed", type=int, default=0)
 
     args = parser.parse_args(argv)
