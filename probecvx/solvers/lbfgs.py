@@ -728,22 +728,26 @@ def _make_preconditioners(
 
 
 def _pick_preconditioner(n: int, d: int, n_classes: int, n_probes: int) -> str:
-    """Pick the best preconditioner whose build costs at most 20 passes.
+    """Pick the preconditioner for a problem, among those that cost few passes.
 
-    One pass costs ``4 n d K m`` flops for ``m`` probes. The covariance model
-    costs about ``n d^2`` flops for the Gram matrix and ``10 d^3`` for its
-    eigendecomposition, and it saved 35 to 50% of about 70 passes on the
-    benchmark problems. The low-rank model costs about ``10 s d r`` flops for
-    ``s`` sampled rows and rank ``r``, and on a site of 3136 features it saved
-    three quarters of the diagonal model's passes. The diagonal model costs
-    one pass.
+    One pass costs ``4 n d K m`` flops for ``m`` probes, and a build may cost
+    20 passes. With at most ``r`` features (the low-rank model's rank plus its
+    oversampling), the covariance model is exact and costs about ``n d^2``
+    flops for the Gram matrix and ``10 d^3`` for its eigendecomposition. With
+    more, the low-rank model costs about ``12 s d r`` flops for ``s`` sampled
+    rows. On synthetic activations it needed as few passes as the covariance
+    model, and on real ones with fewer rows than features it needed fewer
+    (``benchmarks/README.md``). The diagonal model costs one pass.
     """
     budget = _PRECONDITIONER_PASSES * 4 * n * d * n_classes * n_probes
-    if n * d * d + 10 * d**3 <= budget:
-        return "covariance"
     rank = min(d, _LOW_RANK + _LOW_RANK_OVERSAMPLING)
+    covariance_build = n * d * d + 10 * d**3
+    if d <= rank and covariance_build <= budget:
+        return "covariance"
     if 12 * min(n, _LOW_RANK_ROWS) * d * rank <= budget:
         return "lowrank"
+    if covariance_build <= budget:
+        return "covariance"
     return "diagonal"
 
 
