@@ -65,8 +65,8 @@ _MAX_BACKTRACKS = 30
 # preconditioner; see _pick_preconditioner.
 _PRECONDITIONER_PASSES = 20
 _PRECONDITIONERS = ("auto", "covariance", "lowrank", "diagonal")
-# The low-rank covariance model: its rank, the extra columns and the
-# iterations of the subspace iteration that finds it, and the rows it samples.
+# The low-rank covariance model: its rank, its oversampling columns, the
+# rounds of subspace iteration that find it, and the rows it samples.
 _LOW_RANK = 128
 _LOW_RANK_OVERSAMPLING = 10
 _LOW_RANK_POWER_ITERATIONS = 2
