@@ -206,7 +206,7 @@ class RaisesWhenCollected:
         (Terminated(), 143, "Terminated; "),
     ],
 )
-def test_interrupt_dropped_in_del_still_stops_the_command(
+def test_interrupt_dropped_in_del_stops_command(
     checkpoint_dir: Path,
     tiny_data_file: Path,
     tmp_path: Path,

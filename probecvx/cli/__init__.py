@@ -61,8 +61,8 @@ def _raise_terminated(signum: int, frame: FrameType | None) -> None:
     raise Terminated
 
 
-#: How long to wait before sending a dropped interrupt again: long enough for
-#: the code that dropped it, and the hook itself, to have returned.
+#: Seconds to wait before sending a dropped interrupt again. It is meant to
+#: let the code that dropped it, and the hook itself, return first.
 REDELIVERY_DELAY = 0.01
 
 
@@ -96,7 +96,7 @@ class _RedeliverStop:
             self.previous(unraisable)
 
     def cancel(self) -> None:
-        """Send nothing more: the command has ended."""
+        """Cancel the sends still pending, because the command has ended."""
         for timer in self.timers:
             timer.cancel()
 
