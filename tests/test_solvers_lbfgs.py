@@ -10,6 +10,7 @@ scikit-learn's at ``2 * C``.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -612,3 +613,24 @@ def test_auto_records_pick(seed: int) -> None:
     assert fits[0].extra["picked"] == "lbfgs"
     assert fits[0].extra["picked_because"]
     assert fits[0].converged
+
+
+def test_lowrank_preconditioner_on_memory_map(
+    seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The sampled rows are read from the map, two at a time.
+    small_low_rank(monkeypatch)
+    monkeypatch.setattr("probecvx.solvers.lbfgs._LOW_RANK_BLOCK_BYTES", 2 * 8 * 12)
+    rng = np.random.default_rng(seed)
+    X, y = make_problem(rng, n=400, d=12, k=3, dtype=np.float32)
+    path = tmp_path / "x.f32"
+    X.tofile(path)
+    mapped = np.memmap(path, dtype=np.float32, mode="r", shape=X.shape)
+    solver = LbfgsSolver(preconditioner="lowrank")
+
+    in_memory = solver.fit(X, y, 3, [1.0], tol=DEFAULT_TOL, max_iter=500)[0]
+    from_map = solver.fit(mapped, y, 3, [1.0], tol=DEFAULT_TOL, max_iter=500)[0]
+
+    assert from_map.converged
+    assert from_map.n_iter == in_memory.n_iter
+    np.testing.assert_allclose(from_map.coef, in_memory.coef, rtol=1e-6, atol=1e-9)
