@@ -41,12 +41,13 @@ import logging
 import math
 import re
 import sys
+import zipfile
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import h5py
 import numpy as np
@@ -537,21 +538,17 @@ def _read_digits() -> _Source:
     )
 
 
+#: The first bytes of a zip archive, as numpy.savez writes it, and of an empty one.
+_ZIP_MAGICS = (b"PK\x03\x04", b"PK\x05\x06")
+
+
 def _read_npz(path: Path, keys: Mapping[str, str | None]) -> _Source:
+    # The file is opened here, so that it is closed whatever np.load raises.
     try:
-        archive = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, zlib.error) as err:
+        with open(path, "rb") as handle:
+            arrays, chosen = _read_npz_arrays(path, handle, keys)
+    except OSError as err:
         raise DatasetError(f"cannot read {path} as .npz: {err}") from err
-    with archive:
-        names = list(archive.files)
-        chosen = _choose_keys(str(path), names, keys)
-        try:
-            arrays = {role: archive[name] for role, name in chosen.items()}
-        except ValueError as err:
-            raise DatasetError(
-                f"{path}: {err}; save x, y and split as numeric or string arrays, "
-                "not Python objects"
-            ) from err
     return _Source(
         name=path.name,
         inputs=arrays["x"],
@@ -559,6 +556,45 @@ def _read_npz(path: Path, keys: Mapping[str, str | None]) -> _Source:
         split=arrays.get("split"),
         labels_source=f"array {chosen['y']!r}",
     )
+
+
+def _read_npz_arrays(
+    path: Path, handle: BinaryIO, keys: Mapping[str, str | None]
+) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Return the arrays of an open .npz file by role, and the names chosen."""
+    # np.load reads any file that is neither a zip archive nor an .npy array
+    # as a pickle, so another format would fail with a message about
+    # pickles. The format is checked first instead.
+    if handle.read(4) not in _ZIP_MAGICS:
+        raise DatasetError(
+            f"{path} is not an .npz archive (a zip file of arrays); save the "
+            "arrays with numpy.savez"
+        )
+    handle.seek(0)
+    try:
+        archive = np.load(handle, allow_pickle=False)
+    except zipfile.BadZipFile as err:
+        raise DatasetError(
+            f"cannot read {path} as .npz: the archive is truncated or corrupt "
+            f"({err}); save it again with numpy.savez"
+        ) from err
+    except (OSError, ValueError, zlib.error) as err:
+        raise DatasetError(f"cannot read {path} as .npz: {err}") from err
+    with archive:
+        chosen = _choose_keys(str(path), list(archive.files), keys)
+        try:
+            arrays = {role: archive[name] for role, name in chosen.items()}
+        except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+            raise DatasetError(
+                f"cannot read {path} as .npz: an array in it is truncated or "
+                f"corrupt ({err}); save it again with numpy.savez"
+            ) from err
+        except ValueError as err:
+            raise DatasetError(
+                f"{path}: {err}; save x, y and split as numeric or string arrays, "
+                "not Python objects"
+            ) from err
+    return arrays, chosen
 
 
 def _read_hdf5(path: Path, keys: Mapping[str, str | None]) -> _Source:

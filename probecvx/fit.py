@@ -34,6 +34,7 @@ import sys
 import threading
 import time
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1342,7 +1343,7 @@ def _read_solution(
             return np.array(data["coef"]), np.array(data["intercept"])
     except FileNotFoundError:
         logger.debug("no solution saved for %s; the next unit starts cold", unit.site)
-    except (OSError, ValueError, KeyError) as err:
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
         logger.warning(
             "cannot read %s (%s); the next unit starts cold", unit.solution_path, err
         )

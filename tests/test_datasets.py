@@ -867,6 +867,35 @@ def test_npz_without_labels_lists_arrays(tmp_path: Path) -> None:
         load_dataset(str(path))
 
 
+def test_npz_of_another_format_names_file(tmp_path: Path) -> None:
+    path = tmp_path / "data.npz"
+    path.write_text("x,y\n1,0\n")
+
+    with pytest.raises(DatasetError, match=r"data\.npz is not an \.npz archive"):
+        load_dataset(str(path))
+
+
+def test_truncated_npz_names_file(tmp_path: Path) -> None:
+    x, y = make_arrays(n=300)
+    full = write_npz(tmp_path / "full.npz", x=x, y=y).read_bytes()
+    path = tmp_path / "data.npz"
+    path.write_bytes(full[: len(full) // 2])
+
+    with pytest.raises(DatasetError, match=r"data\.npz .*truncated or corrupt"):
+        load_dataset(str(path))
+
+
+def test_npz_with_corrupt_array_names_file(tmp_path: Path) -> None:
+    x, y = make_arrays(n=300)
+    damaged = bytearray(write_npz(tmp_path / "full.npz", x=x, y=y).read_bytes())
+    damaged[200:260] = bytes(60)
+    path = tmp_path / "data.npz"
+    path.write_bytes(bytes(damaged))
+
+    with pytest.raises(DatasetError, match=r"data\.npz .*truncated or corrupt"):
+        load_dataset(str(path))
+
+
 def test_npz_missing_requested_key(tmp_path: Path) -> None:
     x, y = make_arrays(n=6)
     path = write_npz(tmp_path / "data.npz", x=x, y=y)
