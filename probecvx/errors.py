@@ -5,6 +5,9 @@ The command line maps ``ProbecvxError.exit_code`` to the process exit status:
 failed on valid input.
 """
 
+#: Exit status after Ctrl-C: 128 + SIGINT (2), as shells report it.
+INTERRUPTED_EXIT_CODE = 130
+
 
 class ProbecvxError(Exception):
     """Base class of the errors that probecvx raises on purpose."""

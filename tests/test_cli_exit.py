@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import builtins
 import os
 import signal
 import subprocess
@@ -9,11 +10,13 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
+from probecvx.__main__ import run
 from probecvx.atomic import TEMP_PREFIX
 from probecvx.cli import Terminated, main
 from probecvx.fit import read_unit_file
@@ -101,7 +104,7 @@ BAD_DATASETS: dict[str, tuple[Callable[[Path], Path], str]] = {
         lambda folder: (
             (folder / "d.npz").write_bytes(b"not a zip") and folder / "d.npz"
         ),
-        "cannot read",
+        "is not an .npz archive",
     ),
 }
 
@@ -280,6 +283,24 @@ def test_sigint_during_fit_with_workers(tmp_path: Path) -> None:
     assert leftovers(out) == []
     for path in out.glob(".units/*/*.json"):
         assert read_unit_file(path) is not None
+
+
+def test_interrupt_during_startup_exits_130(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    real_import = builtins.__import__
+
+    def interrupted_import(name: str, *args: Any, **kwargs: Any) -> Any:
+        if name == "probecvx.cli":
+            raise KeyboardInterrupt
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", interrupted_import)
+    with pytest.raises(SystemExit) as stopped:
+        run()
+
+    assert stopped.value.code == 130
+    assert capsys.readouterr().err == "Interrupted before the command started.\n"
 
 
 # --- SIGTERM exits 143 ----------------------------------------------------------------

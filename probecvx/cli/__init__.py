@@ -32,10 +32,8 @@ from typing import Any, TextIO, TypeVar
 import click
 
 from probecvx import __version__
-from probecvx.errors import ProbecvxError
+from probecvx.errors import INTERRUPTED_EXIT_CODE, ProbecvxError
 
-#: Exit status after Ctrl-C: 128 + SIGINT (2), as shells report it.
-INTERRUPTED_EXIT_CODE = 130
 INTERRUPTED_MESSAGE = (
     "Interrupted; finished files are kept, so run the same command again to continue."
 )
