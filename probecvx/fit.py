@@ -476,6 +476,14 @@ def unit_path(out_dir: Path, checkpoint: str, site: str) -> Path:
     return folder / f"{quote(site, safe='')}.json"
 
 
+# What becomes of a unit whose file is ignored. A fit takes the entry from the
+# checkpoint's report when that is current, so the unit is not always refitted.
+_IGNORED = (
+    "`probecvx fit` fits its probe again unless the checkpoint's report "
+    "contains it, and the file can be deleted"
+)
+
+
 def read_unit_file(path: Path) -> dict[str, Any] | None:
     """Return a unit file's content, or None when it is missing or unreadable."""
     try:
@@ -483,10 +491,10 @@ def read_unit_file(path: Path) -> dict[str, Any] | None:
     except FileNotFoundError:
         return None
     except (OSError, ValueError) as err:
-        logger.warning("ignoring unreadable unit file %s (%s); refitting it", path, err)
+        logger.warning("ignoring unreadable unit file %s (%s); %s", path, err, _IGNORED)
         return None
     if not isinstance(doc, dict) or not isinstance(doc.get("entry"), dict):
-        logger.warning("ignoring malformed unit file %s; refitting it", path)
+        logger.warning("ignoring malformed unit file %s; %s", path, _IGNORED)
         return None
     return doc
 
