@@ -476,7 +476,7 @@ def unit_path(out_dir: Path, checkpoint: str, site: str) -> Path:
     return folder / f"{quote(site, safe='')}.json"
 
 
-# What becomes of a unit whose file is ignored. A fit takes the entry from the
+# The outcome for a unit whose file is ignored. A fit takes the entry from the
 # checkpoint's report when that is current, so the unit is not always refitted.
 _IGNORED = (
     "`probecvx fit` fits its probe again unless the checkpoint's report "

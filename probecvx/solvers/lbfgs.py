@@ -61,8 +61,8 @@ logger = logging.getLogger(__name__)
 _ARMIJO = 1e-4
 # Backtracking steps allowed in one line search before it is declared failed.
 _MAX_BACKTRACKS = 30
-# The most passes' worth of flops spent on building a preconditioner. See
-# _pick_preconditioner.
+# The maximum cost of building a preconditioner, in passes' worth of flops.
+# See _pick_preconditioner.
 _PRECONDITIONER_PASSES = 20
 _PRECONDITIONERS = ("auto", "covariance", "lowrank", "diagonal")
 # The low-rank covariance model: its rank, its oversampling columns, the
