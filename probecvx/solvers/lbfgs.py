@@ -592,9 +592,10 @@ class _LowRankPreconditioner:
     The model keeps the top eigenvectors ``U`` of the feature covariance,
     estimated from a sample of rows, and puts the mean of the remaining
     eigenvalues on the rest of the space: ``X^T X / n`` is modelled as
-    ``U diag(e) U^T + rest * (I - U U^T)``. It is built for a wide site, where
-    the full eigendecomposition would cost more than the fit. Activations
-    have a few large principal components, which the low-rank part captures.
+    ``U diag(e) U^T + rest * (I - U U^T)``. ``auto`` builds it for sites of
+    more than ``r`` features, where it costs less than the full
+    eigendecomposition. Activations have a few large principal components,
+    which the low-rank part captures.
     """
 
     basis: np.ndarray  # (d, r): orthonormal top eigenvectors
